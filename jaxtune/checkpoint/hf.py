@@ -1,0 +1,249 @@
+"""HF checkpoint directories <-> jaxtune models.
+
+Loading builds the model abstractly (`nnx.eval_shape`, no memory), then fills each parameter from
+the safetensors files one parameter at a time: a stacked [layers, ...] parameter is assembled from
+the per-layer HF tensors in one host buffer, moved to the device, and the buffer dropped. Peak host
+memory is the final parameters plus one parameter.
+
+Exporting walks the same name map backwards and writes shard by shard (`checkpoint.io`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxtune.checkpoint.io import SafetensorsReader, TensorToWrite, atomic_directory, write_safetensors
+from jaxtune.errors import ModelLoadError
+from jaxtune.models import family_for
+
+_DTYPES = {
+    "float32": np.dtype(np.float32), "fp32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16), "bf16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16), "fp16": np.dtype(np.float16),
+}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Buffers some checkpoints carry that are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def as_dtype(dtype: Any) -> np.dtype:
+    """A numpy dtype from 'float32' / 'bf16' / jnp.bfloat16 / np.float32 ..."""
+    if isinstance(dtype, str):
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16") from None
+    return np.dtype(dtype)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+            np.dtype(np.float16): "float16"}[np.dtype(dtype)]
+
+
+def read_hf_config(path: str | os.PathLike) -> tuple[dict, str]:
+    """(config.json as a dict, architecture name) with errors that say what is wrong."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory {directory} does not exist")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"no config.json in {directory} (looked for {config_path})")
+    try:
+        raw = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({e})") from None
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelLoadError(f"{config_path} names no architectures")
+    family_for(archs[0])  # raises with the supported list
+    return raw, archs[0]
+
+
+def load_model_config(path: str | os.PathLike):
+    """The ModelConfig of an HF directory (config.json parsed by transformers for its defaults)."""
+    from transformers import AutoConfig
+
+    raw, arch = read_hf_config(path)
+    try:
+        hf = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for bad configs
+        raise ModelLoadError(f"transformers cannot read {Path(path) / 'config.json'}: {e}") from None
+    return family_for(arch).config_from_hf(hf, arch, json.dumps(raw))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The directory's tokenizer (transformers), or None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _param_paths(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+    return [(tuple(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def _checkpoint_dtype(reader: SafetensorsReader, raw: dict) -> np.dtype:
+    for name in reader.names():
+        dt = _SAFETENSORS_DTYPES.get(reader.dtype_name(name))
+        if dt:
+            return _DTYPES[dt]
+    return _DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), np.dtype(np.float32))
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = "float32",
+    param_dtype: Any = None,
+    attn_implementation: str = "xla",
+    remat: str = "none",
+    place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None,
+):
+    """Load an HF checkpoint directory: returns (model, tokenizer or None).
+
+    `dtype` is the compute dtype; `param_dtype` the storage dtype (default: the checkpoint's own,
+    so an export is bit-exact). `place(path, host_array)` puts each parameter on devices (default:
+    `jax.device_put`; the parallel layer passes one that shards by the logical-axis rules).
+    """
+    model = load_model(path, dtype=dtype, param_dtype=param_dtype, attn_implementation=attn_implementation,
+                       remat=remat, place=place)
+    return model, load_tokenizer(path)
+
+
+def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="xla", remat="none", place=None):
+    raw, arch = read_hf_config(path)
+    cfg = load_model_config(path)
+    family = family_for(arch)
+    reader = SafetensorsReader(path)
+    try:
+        pdtype = as_dtype(param_dtype) if param_dtype is not None else _checkpoint_dtype(reader, raw)
+        cdtype = as_dtype(dtype)
+        abstract = nnx.eval_shape(
+            lambda: family.CausalLM(cfg, dtype=jnp.dtype(cdtype), param_dtype=jnp.dtype(pdtype), rngs=nnx.Rngs(0),
+                                    attn_implementation=attn_implementation, remat=remat)
+        )
+        graphdef, state = nnx.split(abstract)
+        available = set(reader.names())
+        used: set[str] = set()
+        place = place or (lambda _path, arr: jax.device_put(arr))
+        for ppath, var in _param_paths(state):
+            host = _assemble(reader, family, ppath, var.get_value(), pdtype, cfg.num_layers, used)
+            var.set_value(place(ppath, host))
+            del host
+        unknown = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES)
+                         and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ModelLoadError(
+                f"{path}: tensors not used by {arch}: {', '.join(unknown[:5])}{more}; the checkpoint does not match "
+                "its config.json"
+            )
+    finally:
+        reader.close()
+    return nnx.merge(graphdef, state)
+
+
+def _assemble(reader, family, ppath, abstract, pdtype, num_layers, used) -> np.ndarray:
+    stacked = ppath[0] == "layers"
+    transpose = ppath[-1] == "kernel"
+    out = np.empty(abstract.shape, dtype=pdtype)
+    for layer in range(num_layers) if stacked else [None]:
+        name = family.hf_tensor_name(ppath, layer)
+        try:
+            reader.file_of(name)
+        except KeyError:
+            raise ModelLoadError(f"tensor {name} is missing from {reader.directory}") from None
+        target = out[layer] if stacked else out
+        expected = target.shape[::-1] if transpose else target.shape
+        actual = reader.shape(name)
+        if tuple(actual) != tuple(expected):
+            raise ModelLoadError(
+                f"tensor {name} in {reader.file_of(name)} has shape {tuple(actual)}, but config.json implies "
+                f"{tuple(expected)}"
+            )
+        tensor = reader.get(name)
+        target[...] = (tensor.T if transpose else tensor).astype(pdtype, copy=False)
+        used.add(name)
+    return out
+
+
+def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
+    """The model's parameters as HF tensors (names, shapes, producers), in HF's order."""
+    cfg = model.cfg
+    family = family_for(cfg.architecture)
+    state = nnx.state(model, nnx.Param)
+    entries: list[tuple[int, int, TensorToWrite]] = []
+    for ppath, var in _param_paths(state):
+        value = var.get_value()
+        out_dtype = as_dtype(dtype) if dtype is not None else np.dtype(value.dtype)
+        transpose = ppath[-1] == "kernel"
+        stacked = ppath[0] == "layers"
+        for layer in range(cfg.num_layers) if stacked else [None]:
+            shape = value.shape[1:] if stacked else value.shape
+            shape = tuple(shape[::-1]) if transpose else tuple(shape)
+
+            def produce(value=value, layer=layer, transpose=transpose, out_dtype=out_dtype):
+                arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
+                return (arr.T if transpose else arr).astype(out_dtype)
+
+            name = family.hf_tensor_name(ppath, layer)
+            order = 0 if ppath[0] == "embed_tokens" else (2 if ppath[0] != "layers" else 1)
+            entries.append((order, -1 if layer is None else layer, TensorToWrite(name, shape, out_dtype, produce)))
+    entries.sort(key=lambda e: (e[0], e[1], e[2].name))
+    return [e[2] for e in entries]
+
+
+def save_pretrained(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    max_shard_size: int | str = "5GB",
+    dtype: Any = None,
+) -> Path:
+    """Write the model as an HF directory (safetensors shards + index, config.json,
+    generation_config.json, tokenizer files) atomically. `dtype` defaults to the parameters' dtype.
+    """
+    cfg = model.cfg
+    tensors = hf_tensors(model, dtype)
+    out_dtype = tensors[0].dtype
+    config = cfg.source_config
+    config.pop("torch_dtype", None)
+    config.update(
+        architectures=[cfg.architecture],
+        dtype=_dtype_name(out_dtype),
+        vocab_size=cfg.vocab_size,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    with atomic_directory(out_dir) as tmp:
+        write_safetensors(tmp, tensors, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+def _generation_config(cfg) -> dict:
+    gen = {"_from_model_config": True}
+    if cfg.bos_token_id is not None:
+        gen["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_ids:
+        gen["eos_token_id"] = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids)
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    return gen

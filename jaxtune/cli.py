@@ -1,0 +1,97 @@
+"""`jaxtune <verb>`: the command line.
+
+Verbs: convert (GGUF -> HF directory, or prepare the bundled model), generate (KV-cache sampling).
+Errors caused by input print one line `jaxtune: error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from jaxtune import bundled
+    from jaxtune.checkpoint.gguf import convert_gguf_to_hf
+
+    if args.bundled:
+        if args.source or args.output:
+            raise SystemExit("jaxtune convert: --bundled takes no SOURCE/OUTPUT")
+        print(bundled.prepare(args.bundled, force=args.force))
+        return 0
+    if not args.source or not args.output:
+        raise SystemExit("jaxtune convert: give SOURCE.gguf and OUTPUT_DIR, or --bundled NAME")
+    print(convert_gguf_to_hf(args.source, args.output, max_shard_size=args.max_shard_size))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jaxtune
+    from jaxtune import bundled
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.generate import SamplingConfig, generate
+    from jaxtune.peft.lora import merge_peft_adapter
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    model, tokenizer = jaxtune.load_pretrained(bundled.resolve(args.model), dtype=args.dtype)
+    if tokenizer is None:
+        raise JaxtuneError(f"{args.model} has no tokenizer files; generate needs one")
+    if args.adapter:
+        merge_peft_adapter(model, args.adapter)
+    results = generate(model, tokenizer, args.prompt, sampling, chat=args.chat, system=args.system)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], ensure_ascii=False, indent=2))
+        return 0
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            print(f"=== [{i}] {r.prompt}")
+        print(r.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtune", description="LLM post-training in JAX/Flax")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("convert", help="convert a GGUF file to an HF directory (or prepare the bundled model)")
+    p.add_argument("source", nargs="?", help="GGUF file")
+    p.add_argument("output", nargs="?", help="HF directory to write")
+    p.add_argument("--bundled", metavar="NAME", help="prepare a bundled model (smollm2) and print its directory")
+    p.add_argument("--force", action="store_true", help="with --bundled: convert again even if cached")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.set_defaults(func=_convert)
+
+    p = verbs.add_parser("generate", help="generate text with a model (KV-cache sampler)")
+    p.add_argument("--model", required=True, help="HF model directory, or bundled:smollm2")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to merge before generating")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jaxtune.errors import JaxtuneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JaxtuneError as e:
+        print(f"jaxtune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Attention and loss kernels: one entry point each, with backends tested against the XLA reference."""

@@ -1,0 +1,69 @@
+"""The architecture description every model module is built from.
+
+`ModelConfig` is frozen and hashable so it can be a static argument of jitted functions. It holds
+only what the computation needs; the original HF `config.json` travels alongside (not hashed) so
+that exports write back what was read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE parameters in HF's vocabulary (`rope_parameters` / `rope_scaling`).
+
+    `rope_type` is one of `default`, `linear`, `dynamic`, `llama3`, `yarn`. The other fields are
+    used by the types that need them; see `jaxtune.models.rope`.
+    """
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # One entry per layer: the sliding-window size, or None for full attention.
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # The HF config.json this was read from, as JSON text (not part of equality or hashing).
+    source_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    @property
+    def source_config(self) -> dict[str, Any]:
+        return json.loads(self.source_config_json)
+
+    @property
+    def has_sliding_window(self) -> bool:
+        return any(w is not None for w in self.sliding_windows)

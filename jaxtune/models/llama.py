@@ -1,0 +1,330 @@
+"""The Llama-family decoder: Llama, Mistral, Qwen2 and Qwen3 through config switches.
+
+    x = embed(ids)
+    for each layer (stacked, under lax.scan):
+        x = x + o_proj(attention(rope(qk_norm?(q_proj(norm(x)))), rope(qk_norm?(k_proj(..))), v_proj(..)))
+        x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+    logits = lm_head(norm(x))            (lm_head tied to embed when the config says so)
+
+Family differences (all read from the HF config):
+- Llama:   `attention_bias` puts biases on q/k/v/o, `mlp_bias` on the MLP.
+- Mistral: `sliding_window` applies to every layer.
+- Qwen2:   biases on q/k/v (not o); sliding window on the layers `layer_types` marks.
+- Qwen3:   RMSNorm on q and k over head_dim (before RoPE); `attention_bias` on q/k/v/o;
+           sliding window per `layer_types`.
+
+Module and parameter names mirror HF's (`self_attn.q_proj`, `mlp.down_proj`, `input_layernorm`),
+so the HF name map is a rule (`hf_tensor_name`) rather than a table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.errors import ModelLoadError
+from jaxtune.kernels.attention import attention
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.cache import KVCache
+from jaxtune.models.config import ModelConfig, RopeConfig
+from jaxtune.models.layers import Embed, Linear, RMSNorm
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# Gradient checkpointing policies by name (see jax.checkpoint_policies).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _rope_config(hf: Any) -> RopeConfig:
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    legacy = getattr(hf, "rope_scaling", None)
+    if not params and legacy:
+        params = dict(legacy)
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+    if theta is None:
+        raise ModelLoadError("config.json has no rope_theta (neither in rope_parameters nor at top level)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in rope_lib.SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"rope type {rope_type!r} is not supported; supported: {', '.join(rope_lib.SUPPORTED_ROPE_TYPES)}"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelLoadError("partial_rotary_factor != 1 is not supported by the Llama-family decoder")
+
+    def opt_float(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    original = params.get("original_max_position_embeddings")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(theta),
+        factor=opt_float("factor"),
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=opt_float("low_freq_factor"),
+        high_freq_factor=opt_float("high_freq_factor"),
+        attention_factor=opt_float("attention_factor"),
+        beta_fast=opt_float("beta_fast"),
+        beta_slow=opt_float("beta_slow"),
+        mscale=opt_float("mscale"),
+        mscale_all_dim=opt_float("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
+    """Build a ModelConfig from a transformers config object of one of ARCHITECTURES."""
+    act = getattr(hf, "hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"hidden_act {act!r} is not supported (the Llama-family decoder uses silu)")
+    num_layers = hf.num_hidden_layers
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    windows: list[int | None] = [None] * num_layers
+    if architecture == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
+        windows = [int(hf.sliding_window)] * num_layers
+    elif architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and getattr(hf, "sliding_window", None):
+        layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * num_layers
+        windows = [int(hf.sliding_window) if t == "sliding_attention" else None for t in layer_types]
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    qkv_bias = {"Qwen2ForCausalLM": True, "MistralForCausalLM": False}.get(architecture, attention_bias)
+    o_bias = {"Qwen2ForCausalLM": False, "MistralForCausalLM": False}.get(architecture, attention_bias)
+    eos = getattr(hf, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=num_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.rms_norm_eps),
+        max_position_embeddings=int(hf.max_position_embeddings),
+        rope=_rope_config(hf),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)) if architecture == "LlamaForCausalLM" else False,
+        qk_norm=architecture == "Qwen3ForCausalLM",
+        sliding_windows=tuple(windows),
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=eos_ids,
+        pad_token_id=getattr(hf, "pad_token_id", None),
+        source_config_json=source_json,
+    )
+
+
+def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
+    """HF tensor name of a parameter path (`layers` paths need the layer index)."""
+    *modules, leaf = path
+    hf_leaf = "bias" if leaf == "bias" else "weight"
+    if modules[0] == "lm_head":
+        return f"lm_head.{hf_leaf}"
+    if modules[0] == "layers":
+        return ".".join(["model", "layers", str(layer), *modules[1:], hf_leaf])
+    return ".".join(["model", *modules, hf_leaf])
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, **kw)
+        norm_kw = dict(eps=cfg.rms_norm_eps, axis="head_dim", dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        norm_kw = dict(eps=cfg.rms_norm_eps, axis="embed", dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl):
+        """One decoder layer.
+
+        `kv` is None (no cache) or (k_all, v_all, layer, write_index, kv_positions, kv_segment_ids)
+        with the whole stacked cache [L, B, S, K, H]: this layer's new K/V are written in place at
+        [layer, :, write_index] and attention reads the layer's slice. Returns (x, k_all, v_all).
+        """
+        attn = self.self_attn
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = attn.q_proj(h).reshape(b, t, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(h).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(h).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+        if kv is None:
+            k_all, v_all, kv_positions, kv_segments = k, v, positions, segment_ids
+        else:
+            k_cache, v_cache, layer, index, kv_positions, kv_segments = kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, index, 0, 0))
+            k_all, v_all = k_cache[layer], v_cache[layer]
+        out = attention(
+            q,
+            k_all.astype(q.dtype),
+            v_all.astype(q.dtype),
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_segments,
+            q_positions=positions,
+            kv_positions=kv_positions,
+            sliding_window=window,
+            implementation=attn_impl,
+        )
+        x = x + attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, None, None) if kv is None else (x, k_cache, v_cache)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions restarting at 0 where the segment id changes: [1,1,1,2,2,0] -> [0,1,2,0,1,0]."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM. `model(input_ids)` -> logits [B, T, vocab].
+
+    Options that change how (not what) it computes are plain attributes: `attn_implementation`
+    (see jaxtune.kernels.attention) and `remat` (a key of REMAT_POLICIES).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        attn_implementation: str = "xla",
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.remat = remat
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="embed", dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    # -- public API ---------------------------------------------------------------------------
+    def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+        """Logits [B, T, vocab] for token ids [B, T]; see `hidden_states` for the arguments."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
+
+    def hidden_states(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+        """Final-normed hidden states [B, T, D].
+
+        `segment_ids` [B, T] (int, 0 = padding) keep packed samples apart; default: one segment.
+        `positions` [B, T] default to restarting at 0 for each segment.
+        """
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids
+        positions = positions_from_segments(segment_ids) if positions is None else positions
+        x, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def decode(self, input_ids, segment_ids, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run `input_ids` [B, T] through the model writing K/V at `cache.index`.
+
+        Returns the final-normed hidden states [B, T, D] and the advanced cache. Used for both the
+        prefill (T = prompt length) and single-token steps (T = 1) of the sampler.
+        """
+        x, cache = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), cache)
+        return self.norm(x), cache
+
+    # -- internals ----------------------------------------------------------------------------
+    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None):
+        cfg = self.cfg
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_lib.cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        windows = jnp.asarray([w or 0 for w in cfg.sliding_windows], jnp.int32)
+        use_window = cfg.has_sliding_window
+        graphdef, layer_state = nnx.split(self.layers)
+        common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
+
+        if cache is None:
+            def body(x, xs):
+                state, window = xs
+                block = nnx.merge(graphdef, state)
+                x, _, _ = block(x, window=window if use_window else None, kv=None, **common)
+                return x, None
+
+            body = self._maybe_remat(body)
+            x, _ = jax.lax.scan(body, x, (layer_state, windows))
+            return x, None
+
+        index = cache.index
+        kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+
+        def cached_body(carry, xs):
+            x, k_all, v_all = carry
+            state, window, layer = xs
+            block = nnx.merge(graphdef, state)
+            kv = (k_all, v_all, layer, index, kv_positions, kv_segments)
+            x, k_all, v_all = block(x, window=window if use_window else None, kv=kv, **common)
+            return (x, k_all, v_all), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (layer_state, windows, layers))
+        new_cache = KVCache(
+            k=k_all, v=v_all, positions=kv_positions, segment_ids=kv_segments, index=index + input_ids.shape[1]
+        )
+        return x, new_cache
+
+    def _maybe_remat(self, body):
+        if self.remat == "none":
+            return body
+        return jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

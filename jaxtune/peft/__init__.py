@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: LoRA adapters (PEFT-compatible) and quantized frozen weights."""
