@@ -162,3 +162,30 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1] == f"jaxtune: error: model directory {tmp_path / 'nope'} does not exist"
     assert "Traceback" not in proc.stderr
+
+
+def test_error_truncated_safetensors(tmp_path):
+    def truncate(d):
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) - 100])
+
+    msg = _error(tmp_path, truncate)
+    assert "model.safetensors" in msg and "truncated" in msg
+
+
+def test_loading_adopts_host_buffers_without_a_copy(tmp_path):
+    """On CPU the assembled host buffer becomes the parameter (peak memory = parameters once)."""
+    import jax
+
+    from jaxtune.checkpoint.hf import load_model
+
+    src = save_tiny(tmp_path, LlamaConfig(**TINY), "src")
+    hosts = {}
+
+    def place(path, host, axes):
+        arr = jax.device_put(host)
+        hosts[path] = host.ctypes.data == arr.unsafe_buffer_pointer()
+        return arr
+
+    load_model(src, place=place)
+    assert hosts and all(hosts.values())

@@ -22,7 +22,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxtune.checkpoint.io import SafetensorsReader, TensorToWrite, atomic_directory, write_safetensors
+from jaxtune.checkpoint.io import (
+    SafetensorsReader,
+    TensorToWrite,
+    aligned_empty,
+    atomic_directory,
+    write_safetensors,
+)
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import family_for
 
@@ -31,7 +37,6 @@ _DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16), "bf16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16), "fp16": np.dtype(np.float16),
 }
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -98,9 +103,8 @@ def _param_paths(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
 
 def _checkpoint_dtype(reader: SafetensorsReader, raw: dict) -> np.dtype:
     for name in reader.names():
-        dt = _SAFETENSORS_DTYPES.get(reader.dtype_name(name))
-        if dt:
-            return _DTYPES[dt]
+        if reader.dtype(name) in _DTYPES.values():
+            return reader.dtype(name)
     return _DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), np.dtype(np.float32))
 
 
@@ -111,13 +115,14 @@ def load_pretrained(
     param_dtype: Any = None,
     attn_implementation: str = "xla",
     remat: str = "none",
-    place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None,
+    place: Callable[[tuple[str, ...], np.ndarray, tuple], jax.Array] | None = None,
 ):
     """Load an HF checkpoint directory: returns (model, tokenizer or None).
 
     `dtype` is the compute dtype; `param_dtype` the storage dtype (default: the checkpoint's own,
-    so an export is bit-exact). `place(path, host_array)` puts each parameter on devices (default:
-    `jax.device_put`; the parallel layer passes one that shards by the logical-axis rules).
+    so an export is bit-exact). `place(path, host_array, logical_axes)` puts each parameter on devices (default:
+    `jax.device_put`, which adopts the host buffer without a copy on CPU; the parallel layer passes
+    one that shards by the logical-axis rules).
     """
     model = load_model(path, dtype=dtype, param_dtype=param_dtype, attn_implementation=attn_implementation,
                        remat=remat, place=place)
@@ -125,48 +130,43 @@ def load_pretrained(
 
 
 def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="xla", remat="none", place=None):
+    """The model of an HF directory (see `load_pretrained`)."""
     raw, arch = read_hf_config(path)
     cfg = load_model_config(path)
     family = family_for(arch)
     reader = SafetensorsReader(path)
-    try:
-        pdtype = as_dtype(param_dtype) if param_dtype is not None else _checkpoint_dtype(reader, raw)
-        cdtype = as_dtype(dtype)
-        abstract = nnx.eval_shape(
-            lambda: family.CausalLM(cfg, dtype=jnp.dtype(cdtype), param_dtype=jnp.dtype(pdtype), rngs=nnx.Rngs(0),
-                                    attn_implementation=attn_implementation, remat=remat)
+    pdtype = as_dtype(param_dtype) if param_dtype is not None else _checkpoint_dtype(reader, raw)
+    cdtype = as_dtype(dtype)
+    abstract = nnx.eval_shape(
+        lambda: family.CausalLM(cfg, dtype=jnp.dtype(cdtype), param_dtype=jnp.dtype(pdtype), rngs=nnx.Rngs(0),
+                                attn_implementation=attn_implementation, remat=remat)
+    )
+    graphdef, state = nnx.split(abstract)
+    used: set[str] = set()
+    place = place or (lambda _path, host, _axes: jax.device_put(host))
+    for ppath, var in _param_paths(state):
+        host = _assemble(reader, family, ppath, var.get_value(), pdtype, cfg.num_layers, used)
+        var.set_value(place(ppath, host, var.get_metadata()["out_sharding"]))
+        del host
+    unknown = sorted(n for n in set(reader.names()) - used if not n.endswith(_IGNORED_SUFFIXES)
+                     and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise ModelLoadError(
+            f"{path}: tensors not used by {arch}: {', '.join(unknown[:5])}{more}; the checkpoint does not match "
+            "its config.json"
         )
-        graphdef, state = nnx.split(abstract)
-        available = set(reader.names())
-        used: set[str] = set()
-        place = place or (lambda _path, arr: jax.device_put(arr))
-        for ppath, var in _param_paths(state):
-            host = _assemble(reader, family, ppath, var.get_value(), pdtype, cfg.num_layers, used)
-            var.set_value(place(ppath, host))
-            del host
-        unknown = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES)
-                         and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-        if unknown:
-            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-            raise ModelLoadError(
-                f"{path}: tensors not used by {arch}: {', '.join(unknown[:5])}{more}; the checkpoint does not match "
-                "its config.json"
-            )
-    finally:
-        reader.close()
     return nnx.merge(graphdef, state)
 
 
 def _assemble(reader, family, ppath, abstract, pdtype, num_layers, used) -> np.ndarray:
     stacked = ppath[0] == "layers"
     transpose = ppath[-1] == "kernel"
-    out = np.empty(abstract.shape, dtype=pdtype)
+    out = aligned_empty(abstract.shape, pdtype)
     for layer in range(num_layers) if stacked else [None]:
         name = family.hf_tensor_name(ppath, layer)
-        try:
-            reader.file_of(name)
-        except KeyError:
-            raise ModelLoadError(f"tensor {name} is missing from {reader.directory}") from None
+        if name not in reader:
+            raise ModelLoadError(f"tensor {name} is missing from {reader.directory}")
         target = out[layer] if stacked else out
         expected = target.shape[::-1] if transpose else target.shape
         actual = reader.shape(name)
@@ -175,8 +175,11 @@ def _assemble(reader, family, ppath, abstract, pdtype, num_layers, used) -> np.n
                 f"tensor {name} in {reader.file_of(name)} has shape {tuple(actual)}, but config.json implies "
                 f"{tuple(expected)}"
             )
-        tensor = reader.get(name)
-        target[...] = (tensor.T if transpose else tensor).astype(pdtype, copy=False)
+        if not transpose and reader.dtype(name) == pdtype:
+            reader.read_into(name, target)  # straight into the parameter buffer
+        else:
+            tensor = reader.get(name)
+            target[...] = (tensor.T if transpose else tensor).astype(pdtype, copy=False)
         used.add(name)
     return out
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+import ml_dtypes
 from safetensors.numpy import save_file
 
 from jaxtune.errors import ModelLoadError
@@ -112,10 +112,77 @@ def write_safetensors(out_dir: Path, tensors: Sequence[TensorToWrite], max_shard
     return names
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_MAX_HEADER = 100 * 2**20
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `align`-byte boundary.
+
+    On CPU, `jax.device_put` adopts such a buffer without copying, so a parameter assembled here
+    costs its own size once, not twice.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """Parse and validate a safetensors header (format: u64 length, JSON, raw little-endian data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise ModelLoadError(f"{path} is not a valid safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a valid safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    entries = {}
+    data_start, data_size = 8 + n, size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{path}: tensor {name} has an invalid header entry ({e!r})") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise ModelLoadError(
+                f"{path} is not a valid safetensors file (tensor {name}: bytes {begin}..{end} do not hold "
+                f"{shape} {dtype} within {data_size} data bytes; the file may be truncated)"
+            )
+        entries[name] = _Entry(path, dtype, shape, data_start + begin, nbytes)
+    return entries
+
+
 class SafetensorsReader:
     """Tensor-by-tensor access to a checkpoint directory (single file or sharded with an index).
 
-    Files are memory-mapped by safetensors; `get` copies one tensor out at a time.
+    Tensors are read with plain file reads into buffers the caller owns (`read_into`), not through
+    a memory map: mapped checkpoint pages would count in the process's memory on top of the
+    parameters being built. This is why jaxtune parses the (simple, documented) safetensors
+    header itself instead of using `safetensors.safe_open`.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -127,46 +194,53 @@ class SafetensorsReader:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"{index_path} is not a valid safetensors index ({e})") from None
-            self._file_of = {name: self.directory / f for name, f in weight_map.items()}
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (self.directory / f).exists():
+                    raise ModelLoadError(f"{self.directory / f} is listed in {SAFETENSORS_INDEX} but does not exist")
+            self._entries = {}
+            for f in files:
+                self._entries.update(_read_header(self.directory / f))
+            missing = sorted(set(weight_map) - set(self._entries))
+            if missing:
+                raise ModelLoadError(f"{index_path} lists {missing[0]}, which is in none of the shards")
         elif single.exists():
-            self._file_of = None
-            self._single = single
+            self._entries = _read_header(single)
         else:
             raise ModelLoadError(
                 f"no weights in {self.directory}: looked for {SAFETENSORS_SINGLE} and {SAFETENSORS_INDEX}"
             )
-        self._handles: dict[Path, object] = {}
-        if self._file_of is None:
-            self._file_of = {name: single for name in self._open(single).keys()}
-
-    def _open(self, path: Path):
-        if path not in self._handles:
-            if not path.exists():
-                raise ModelLoadError(f"{path} is listed in {SAFETENSORS_INDEX} but does not exist")
-            try:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ModelLoadError(f"{path} is not a valid safetensors file ({e})") from None
-        return self._handles[path]
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
 
     def file_of(self, name: str) -> Path:
-        return self._file_of[name]
+        return self._entries[name].path
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+        return self._entries[name].shape
 
-    def dtype_name(self, name: str) -> str:
-        return self._open(self._file_of[name]).get_slice(name).get_dtype()
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name].dtype
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Read tensor `name` into `out` (same shape and dtype, C-contiguous); returns `out`."""
+        e = self._entries[name]
+        if out.shape != e.shape or out.dtype != e.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: buffer {out.shape} {out.dtype} does not fit {e.shape} {e.dtype}")
+        try:
+            with open(e.path, "rb") as f:
+                f.seek(e.offset)
+                got = f.readinto(out.reshape(-1).view(np.uint8))
+        except OSError as err:
+            raise ModelLoadError(f"cannot read tensor {name} from {e.path} ({err})") from None
+        if got != e.nbytes:
+            raise ModelLoadError(f"{e.path} is truncated: tensor {name} needs {e.nbytes} bytes, read {got}")
+        return out
 
     def get(self, name: str) -> np.ndarray:
-        path = self._file_of[name]
-        try:
-            return self._open(path).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read tensor {name} from {path} ({e})") from None
-
-    def close(self) -> None:
-        self._handles.clear()
+        e = self._entries[name]
+        return self.read_into(name, np.empty(e.shape, e.dtype))
