@@ -40,7 +40,10 @@ def current_rss_mb() -> float:
 
 def run_jaxtune(model_dir: str, new_tokens: int, repeats: int) -> dict:
     import jax
-    import transformers  # noqa: F401 - jaxtune uses its tokenizers; imported before the baseline as on the other side
+    # jaxtune reads configs and tokenizers with transformers, whose first use imports torch when it is
+    # installed (as here). Import them before the baseline, as the transformers side does, so the
+    # figures below are jaxtune's own cost.
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
     import jaxtune
     from jaxtune.generate import Sampler, SamplingConfig, encode_prompts

@@ -27,6 +27,7 @@ from jaxtune.checkpoint.io import (
     TensorToWrite,
     aligned_empty,
     atomic_directory,
+    read_json_file,
     write_safetensors,
 )
 from jaxtune.errors import ModelLoadError
@@ -63,12 +64,7 @@ def read_hf_config(path: str | os.PathLike) -> tuple[dict, str]:
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {directory} does not exist")
     config_path = directory / "config.json"
-    if not config_path.exists():
-        raise ModelLoadError(f"no config.json in {directory} (looked for {config_path})")
-    try:
-        raw = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({e})") from None
+    raw = read_json_file(config_path, "config.json")
     archs = raw.get("architectures") or []
     if not archs:
         raise ModelLoadError(f"{config_path} names no architectures")

@@ -39,6 +39,16 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON file's content, or a one-line error naming it: `no {what} in DIR (looked for PATH)`."""
+    if not path.exists():
+        raise ModelLoadError(f"no {what} in {path.parent} (looked for {path})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `out_dir` only if the block finishes.

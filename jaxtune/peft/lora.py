@@ -7,7 +7,6 @@ adapter_model.safetensors, as written by `peft` or by jaxtune) into a model's we
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from jaxtune.checkpoint.io import read_json_file
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import family_for
 
@@ -28,12 +28,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
-    if not path.exists():
-        raise ModelLoadError(f"no adapter_config.json in {adapter_dir} (looked for {path})")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+    config = read_json_file(path, "adapter_config.json")
     unsupported = {
         "peft_type": config.get("peft_type", "LORA") != "LORA",
         "use_dora": bool(config.get("use_dora")),
