@@ -1,0 +1,53 @@
+"""The sampler runs a model whose parameters are sharded over a mesh (4 forced CPU devices)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from transformers import LlamaConfig
+
+from tests.conftest import save_tiny
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import jaxtune
+    from jaxtune.checkpoint.hf import load_model
+    from jaxtune.generate import Sampler, SamplingConfig
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    rules = {"heads": "model", "kv_heads": "model", "mlp": "model"}
+
+    def place(path, host, axes):
+        return jax.device_put(host, NamedSharding(mesh, P(*(rules.get(a) for a in axes))))
+
+    path = sys.argv[1]
+    plain = load_model(path)
+    sharded = load_model(path, place=place)
+    spec = sharded.layers.mlp.up_proj.kernel[...].sharding.spec
+    assert tuple(spec) == (None, None, "model"), spec
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    outs = []
+    for model in (plain, sharded):
+        sampler = Sampler(model, eos_token_ids=[63], pad_token_id=0)
+        outs.append(sampler(prompts, SamplingConfig(max_new_tokens=12)).tokens)
+    assert np.array_equal(outs[0], outs[1]), outs
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_sampler_with_parameters_sharded_over_a_mesh(tmp_path):
+    path = save_tiny(tmp_path, LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SHARDED-OK" in proc.stdout
