@@ -41,7 +41,8 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == ("float32" if dtype == torch.float32 else "bfloat16")
-    assert (out / "generation_config.json").exists()
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        json.loads((src / "generation_config.json").read_text())
 
 
 def test_sharded_export_with_index_loads_in_transformers(tmp_path):

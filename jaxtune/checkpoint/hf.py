@@ -10,6 +10,7 @@ Exporting walks the same name map backwards and writes shard by shard (`checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -81,7 +82,12 @@ def load_model_config(path: str | os.PathLike):
         hf = AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for bad configs
         raise ModelLoadError(f"transformers cannot read {Path(path) / 'config.json'}: {e}") from None
-    return family_for(arch).config_from_hf(hf, arch, json.dumps(raw))
+    cfg = family_for(arch).config_from_hf(hf, arch, json.dumps(raw))
+    generation_path = Path(path) / "generation_config.json"
+    if generation_path.exists():
+        generation = read_json_file(generation_path, "generation_config.json")
+        cfg = dataclasses.replace(cfg, source_generation_json=json.dumps(generation))
+    return cfg
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -238,6 +244,10 @@ def save_pretrained(
 
 
 def _generation_config(cfg) -> dict:
+    """The source's generation_config.json if it had one, else one derived from the token ids."""
+    source = json.loads(cfg.source_generation_json)
+    if source:
+        return source
     gen = {"_from_model_config": True}
     if cfg.bos_token_id is not None:
         gen["bos_token_id"] = cfg.bos_token_id

@@ -59,6 +59,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     # The HF config.json this was read from, as JSON text (not part of equality or hashing).
     source_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+    # Its generation_config.json, when it had one (written back unchanged on export).
+    source_generation_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     @property
     def source_config(self) -> dict[str, Any]:
