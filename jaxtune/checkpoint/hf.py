@@ -133,11 +133,11 @@ def load_pretrained(
 
 def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="xla", remat="none", place=None):
     """The model of an HF directory (see `load_pretrained`)."""
-    raw, arch = read_hf_config(path)
     cfg = load_model_config(path)
+    arch = cfg.architecture
     family = family_for(arch)
     reader = SafetensorsReader(path)
-    pdtype = as_dtype(param_dtype) if param_dtype is not None else _checkpoint_dtype(reader, raw)
+    pdtype = as_dtype(param_dtype) if param_dtype is not None else _checkpoint_dtype(reader, cfg.source_config)
     cdtype = as_dtype(dtype)
     abstract = nnx.eval_shape(
         lambda: family.CausalLM(cfg, dtype=jnp.dtype(cdtype), param_dtype=jnp.dtype(pdtype), rngs=nnx.Rngs(0),

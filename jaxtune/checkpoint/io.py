@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import ml_dtypes
+import numpy as np
 from safetensors.numpy import save_file
 
 from jaxtune.errors import ModelLoadError
