@@ -1,6 +1,8 @@
 """`jaxtune <verb>`: the command line.
 
-Verbs: convert (GGUF -> HF directory, or prepare the bundled model), generate (KV-cache sampling).
+Verbs: convert (GGUF -> HF directory, or prepare the bundled model), generate (KV-cache sampling),
+preprocess (tokenize, mask and pack a config's datasets into the cache), validate (print the resolved
+config or its errors).
 Errors caused by input print one line `jaxtune: error: ...` and exit with status 2.
 """
 
@@ -52,6 +54,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from jaxtune.config import load_config
+    from jaxtune.data.debug import describe_example
+    from jaxtune.data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    data = prepare(cfg, force=args.force)
+    stats = data.stats
+    print(f"prepared {stats['train_rows']} training rows and {stats['eval_rows']} eval rows ({data.kind}) in "
+          f"{data.path}")
+    if args.debug:
+        if data.kind != "sft":
+            print(data.train[0])
+        for i in range(min(args.debug_examples, len(data.train))):
+            print(f"=== example {i}")
+            print(describe_example(data.tokenizer, data.train[i], color=sys.stdout.isatty()))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from jaxtune.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description="LLM post-training in JAX/Flax")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -79,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("preprocess", help="tokenize, mask and pack the datasets of a config into the cache")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--debug", action="store_true", help="print examples token by token with their labels")
+    p.add_argument("--debug-examples", type=int, default=3, help="how many examples --debug prints")
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
+    p.set_defaults(func=_preprocess)
+
+    p = verbs.add_parser("validate", help="print the resolved config, or its errors")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_validate)
     return parser
 
 

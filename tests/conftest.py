@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing in the tests may reach the hub, and `datasets` caches into a throw-away directory.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="jaxtune-test-datasets-"))
 
 
 def save_tiny(tmp_path: Path, config, name: str = "model", dtype=None, edit_config=None) -> Path:
@@ -73,3 +77,11 @@ def smollm2_hf(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    """SmolLM2's tokenizer (chatml chat template, eos <|im_end|>, no BOS added)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -1,0 +1,183 @@
+"""Conversations -> token ids and labels, with the trained turns found by rendering the template.
+
+How a turn is located: the conversation is rendered once (`full`), and once more per turn with only
+that turn's content replaced by a placeholder of the same length (`probe`). The characters where
+`full` and `probe` differ are exactly where the template wrote that turn's content, whatever the
+template adds around it (headers, `<think>` blocks on the last turn, trimming). Tokens whose
+character span overlaps that region train; then the first end-of-turn token after it trains per
+`train_on_eos`. No decoded text is searched, and a turn the template does not write (or writes
+twice) is an error naming the row, never a silently wrong mask.
+
+Worked example (chatml, roles_to_train=[assistant], train_on_eos=turn):
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    full  = "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n"
+    probe = "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n\\x01\\x01\\x01\\x01\\x01\\x01<|im_end|>\\n"
+    region of turn 1 = full[41:47] == "Hello!"
+    tokens  <|im_start|> user \\n Hi <|im_end|> \\n <|im_start|> assistant \\n Hello ! <|im_end|> \\n
+    labels   -100        -100 ...                                  -100  Hello ! <|im_end|> -100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from jaxtune.errors import JaxtuneError
+
+DEFAULT_ROLE_MAP: dict[str, list[str]] = {
+    "user": ["user", "human"],
+    "assistant": ["assistant", "gpt", "model"],
+    "system": ["system"],
+    "tool": ["tool", "ipython", "function"],
+}
+IGNORE = -100
+_PLACEHOLDER = "\x01"
+
+
+class TurnNotFoundError(JaxtuneError):
+    """A turn of a conversation could not be located in the rendered template."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSpec:
+    """How to read and train one chat dataset."""
+
+    template: str
+    field_messages: str = "messages"
+    role_key: str = "role"
+    content_key: str = "content"
+    role_map: dict[str, str] = dataclasses.field(default_factory=dict)  # source role -> target role
+    roles_to_train: tuple[str, ...] = ("assistant",)
+    train_on_eos: str = "turn"
+    train_on_inputs: bool = False
+    drop_system_message: bool = False
+
+    @classmethod
+    def build(cls, template: str, *, field_messages=None, message_property_mappings=None, roles=None,
+              roles_to_train=None, train_on_eos=None, train_on_inputs=False, drop_system_message=False,
+              default_field="messages") -> ChatSpec:
+        mapping = message_property_mappings or {}
+        unknown = set(mapping) - {"role", "content"}
+        if unknown:
+            raise JaxtuneError(f"message_property_mappings: unknown keys {sorted(unknown)} (role, content)")
+        role_map: dict[str, str] = {}
+        for target, sources in {**DEFAULT_ROLE_MAP, **(roles or {})}.items():
+            for source in sources:
+                role_map[source] = target
+        return cls(template=template, field_messages=field_messages or default_field,
+                   role_key=mapping.get("role", "role"), content_key=mapping.get("content", "content"),
+                   role_map=role_map, roles_to_train=tuple(roles_to_train or ("assistant",)),
+                   train_on_eos=train_on_eos or "turn", train_on_inputs=train_on_inputs,
+                   drop_system_message=drop_system_message)
+
+
+def normalize_messages(raw, spec: ChatSpec, where: str) -> list[dict]:
+    """Rows' messages -> [{"role": target role, "content": str, ...}] with the role names mapped."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise JaxtuneError(f"{where}: field '{spec.field_messages}' must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or spec.role_key not in message:
+            raise JaxtuneError(f"{where}: message {i} has no '{spec.role_key}' key (set message_property_mappings)")
+        source = message[spec.role_key]
+        if source not in spec.role_map:
+            raise JaxtuneError(f"{where}: message {i} has role '{source}', which is not mapped; known roles: "
+                               f"{sorted(spec.role_map)} (map it with `roles:`)")
+        content = message.get(spec.content_key)
+        extra = {k: v for k, v in message.items() if k not in (spec.role_key, spec.content_key) and v is not None}
+        role = spec.role_map[source]
+        if role == "system" and spec.drop_system_message:
+            continue
+        out.append({**extra, "role": role, "content": "" if content is None else str(content)})
+    return out
+
+
+def render(tokenizer, template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
+           **kwargs) -> str:
+    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _changed_region(full: str, probe: str) -> tuple[int, int]:
+    """[start, end) of `full` that differs from `probe` (common prefix and suffix removed)."""
+    limit = min(len(full), len(probe))
+    start = 0
+    while start < limit and full[start] == probe[start]:
+        start += 1
+    suffix = 0
+    while suffix < limit - start and full[-1 - suffix] == probe[-1 - suffix]:
+        suffix += 1
+    return start, len(full) - suffix
+
+
+def turn_regions(tokenizer, spec: ChatSpec, messages: list[dict], full: str, where: str) -> list[tuple[int, int]]:
+    """Character region of each message's content in `full` (see the module docstring)."""
+    regions = []
+    for i, message in enumerate(messages):
+        content = message["content"]
+        placeholder = _PLACEHOLDER * max(len(content), 1)
+        probe_messages = [*messages[:i], {**message, "content": placeholder}, *messages[i + 1:]]
+        probe = render(tokenizer, spec.template, probe_messages)
+        start, end = _changed_region(full, probe)
+        if start == len(full) and len(probe) == len(full):
+            raise TurnNotFoundError(f"{where}: the chat template does not write message {i} ({message['role']}); "
+                                    "its tokens cannot be labelled")
+        written = full[start:end]
+        if content and written not in content and content.strip() != written.strip() and len(written) > len(content):
+            raise TurnNotFoundError(
+                f"{where}: message {i} ({message['role']}) could not be located in the rendered template "
+                f"(the template changes more than the message's own text); labels would be wrong")
+        regions.append((start, end))
+    starts = [r[0] for r in regions]
+    if starts != sorted(starts):
+        raise TurnNotFoundError(f"{where}: the chat template writes the messages out of order")
+    return regions
+
+
+def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids: frozenset[int],
+                        where: str, trained: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one normalized conversation.
+
+    `trained` (one flag per message) overrides `spec.roles_to_train`, e.g. only the final response of
+    a preference pair trains.
+    """
+    full = render(tokenizer, spec.template, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if spec.train_on_inputs:
+        return list(ids), list(ids)
+    labels = [IGNORE] * len(ids)
+    regions = turn_regions(tokenizer, spec, messages, full, where)
+    if trained is None:
+        trained = [m["role"] in spec.roles_to_train for m in messages]
+    last_trained = max((i for i, t in enumerate(trained) if t), default=-1)
+    token = 0
+    for i, (start, end) in enumerate(regions):
+        # First token overlapping the region (tokens are in order; regions are increasing).
+        while token < len(ids) and offsets[token][1] <= start:
+            token += 1
+        first = token
+        while token < len(ids) and offsets[token][0] < end:
+            token += 1
+        if trained[i]:
+            for t in range(first, token):
+                labels[t] = ids[t]
+        next_start = regions[i + 1][0] if i + 1 < len(regions) else len(full)
+        eot = token
+        while eot < len(ids) and offsets[eot][0] < next_start and ids[eot] not in eot_ids:
+            eot += 1
+        if eot < len(ids) and offsets[eot][0] < next_start and _eos_trains(spec.train_on_eos, trained[i],
+                                                                             i == last_trained):
+            labels[eot] = ids[eot]
+    return list(ids), labels
+
+
+def _eos_trains(mode: str, turn_trains: bool, is_last_trained: bool) -> bool:
+    if mode == "all":
+        return True
+    if mode == "turn":
+        return turn_trains
+    if mode == "last":
+        return is_last_trained
+    return False

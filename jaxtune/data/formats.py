@@ -1,0 +1,318 @@
+"""Row formats (`type:`): a dataset row -> tokenized examples with labels.
+
+Three kinds of examples come out:
+  - "sft":        {input_ids, labels}; labels are -100 where a token does not train;
+  - "preference": {chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}, the prompt
+                  masked in both (DPO/IPO/ORPO/KTO read these);
+  - "prompt":     {prompt_ids} plus the row's other columns as they are (GRPO's rewards read them).
+
+Prompt formats tokenize each piece (prompt, response) separately and concatenate the ids, so the
+label boundary is a token boundary by construction. Chat formats go through `chat.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from jaxtune.config import DatasetConfig, UserDefinedFormat
+from jaxtune.data import chat
+from jaxtune.data.chat import IGNORE, ChatSpec
+from jaxtune.data.templates import NAMED_TEMPLATES, resolve_chat_template
+from jaxtune.errors import JaxtuneError
+
+ALPACA = UserDefinedFormat(
+    system_prompt="Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n",
+    format="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    no_input_format="### Instruction:\n{instruction}\n\n### Response:\n",
+)
+ALPACA_NO_INPUT_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """What encoders need to know about the tokenizer, computed once."""
+
+    tokenizer: Any
+    bos_id: int | None  # prepended to prompt formats when the tokenizer adds a BOS itself
+    eos_id: int
+    eot_ids: frozenset[int]  # end-of-turn ids for chat formats (eos + eot_tokens + template marker)
+    default_template: str | None
+
+
+class Encoder:
+    kind = "sft"
+    columns: tuple[str, ...] = ()
+
+    def __call__(self, row: dict, where: str) -> list[dict]:
+        raise NotImplementedError
+
+    def check_columns(self, columns: list[str], where: str) -> None:
+        missing = [c for c in self.columns if c not in columns]
+        if missing:
+            raise JaxtuneError(f"{where}: missing field {missing[0]!r} for type '{self.type_name}'; the dataset "
+                               f"has columns {sorted(columns)}")
+
+    type_name = ""
+
+
+def _text_ids(tok: TokenizerInfo, text: str) -> list[int]:
+    return tok.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _field(row: dict, name: str, where: str, *, required: bool = True) -> str:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise JaxtuneError(f"{where}: field {name!r} is missing or null")
+        return ""
+    return str(value)
+
+
+@dataclasses.dataclass
+class PromptFormatEncoder(Encoder):
+    """alpaca and the user-defined format: prompt (untrained unless train_on_inputs) + output + EOS."""
+
+    tok: TokenizerInfo
+    spec: UserDefinedFormat
+    train_on_inputs: bool
+    no_input_system: str | None = None
+    type_name: str = "user-defined"
+
+    def __post_init__(self):
+        self.columns = (self.spec.field_instruction, self.spec.field_output)
+
+    def __call__(self, row, where):
+        s = self.spec
+        instruction = _field(row, s.field_instruction, where)
+        inp = _field(row, s.field_input, where, required=False)
+        system = _field(row, s.field_system, where, required=False) or (
+            s.system_prompt if inp or self.no_input_system is None else self.no_input_system)
+        prompt = (s.system_format.format(system=system) if system else "")
+        prompt += s.format.format(instruction=instruction, input=inp) if inp else \
+            s.no_input_format.format(instruction=instruction)
+        prompt_ids = ([self.tok.bos_id] if self.tok.bos_id is not None else []) + _text_ids(self.tok, prompt)
+        out_ids = _text_ids(self.tok, _field(row, s.field_output, where)) + [self.tok.eos_id]
+        labels = (prompt_ids if self.train_on_inputs else [IGNORE] * len(prompt_ids)) + out_ids
+        return [{"input_ids": prompt_ids + out_ids, "labels": list(labels)}]
+
+
+@dataclasses.dataclass
+class CompletionEncoder(Encoder):
+    """Raw text, every token trained, EOS appended. `pretrain` splits long texts into chunks."""
+
+    tok: TokenizerInfo
+    field: str
+    chunk: int | None = None  # sequence_len for pretrain
+    type_name: str = "completion"
+
+    def __post_init__(self):
+        self.columns = (self.field,)
+
+    def __call__(self, row, where):
+        ids = ([self.tok.bos_id] if self.tok.bos_id is not None else []) + _text_ids(
+            self.tok, _field(row, self.field, where)) + [self.tok.eos_id]
+        pieces = [ids] if self.chunk is None else [ids[i:i + self.chunk] for i in range(0, len(ids), self.chunk)]
+        return [{"input_ids": p, "labels": list(p)} for p in pieces]
+
+
+@dataclasses.dataclass
+class InputOutputEncoder(Encoder):
+    """`segments: [{text, label}]`: each segment tokenized alone; label false -> -100. BOS, no EOS."""
+
+    tok: TokenizerInfo
+    type_name: str = "input_output"
+    columns: tuple[str, ...] = ("segments",)
+
+    def __call__(self, row, where):
+        segments = row.get("segments")
+        if not isinstance(segments, list) or not segments:
+            raise JaxtuneError(f"{where}: 'segments' must be a non-empty list of {{text, label}}")
+        ids = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        labels = [IGNORE] * len(ids)
+        for i, seg in enumerate(segments):
+            if not isinstance(seg, dict) or "text" not in seg:
+                raise JaxtuneError(f"{where}: segment {i} has no 'text'")
+            piece = _text_ids(self.tok, str(seg["text"]))
+            ids += piece
+            labels += piece if seg.get("label", True) else [IGNORE] * len(piece)
+        return [{"input_ids": ids, "labels": labels}]
+
+
+@dataclasses.dataclass
+class ChatEncoder(Encoder):
+    """chat_template (and sharegpt): multi-turn conversations, every trained-role turn trains."""
+
+    tok: TokenizerInfo
+    spec: ChatSpec
+    type_name: str = "chat_template"
+
+    def __post_init__(self):
+        self.columns = (self.spec.field_messages,)
+
+    def __call__(self, row, where):
+        messages = chat.normalize_messages(row.get(self.spec.field_messages), self.spec, where)
+        ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, self.tok.eot_ids, where)
+        return [{"input_ids": ids, "labels": labels}]
+
+
+@dataclasses.dataclass
+class PreferenceEncoder(Encoder):
+    """Prompt + chosen / prompt + rejected, rendered with a chat template, prompt masked.
+
+    `read` maps a row to (prompt messages, chosen message, rejected message).
+    """
+
+    tok: TokenizerInfo
+    spec: ChatSpec
+    read: Callable[[dict, str], tuple[list[dict], dict, dict]]
+    columns: tuple[str, ...] = ()
+    type_name: str = "preference"
+    kind = "preference"
+
+    def __call__(self, row, where):
+        prompt, chosen, rejected = self.read(row, where)
+        prompt = chat.normalize_messages(prompt, self.spec, where) if prompt else []
+        out = {}
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            messages = prompt + chat.normalize_messages([answer], self.spec, where)
+            if messages[-1]["role"] != "assistant":
+                raise JaxtuneError(f"{where}: the {name} response must be an assistant message")
+            # Only the response trains: assistant turns inside the prompt are context.
+            trained = [False] * (len(messages) - 1) + [True]
+            ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, self.tok.eot_ids, where,
+                                                   trained=trained)
+            out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
+        return [out]
+
+
+@dataclasses.dataclass
+class PromptEncoder(Encoder):
+    """Prompt-only rows (GRPO): the prompt rendered with the generation prompt; other columns kept."""
+
+    tok: TokenizerInfo
+    spec: ChatSpec
+    field: str
+    type_name: str = "prompt"
+    kind = "prompt"
+
+    def __post_init__(self):
+        self.columns = (self.field,)
+
+    def __call__(self, row, where):
+        value = row.get(self.field)
+        raw = [{"role": "user", "content": value}] if isinstance(value, str) else value
+        messages = chat.normalize_messages(raw, self.spec, where)
+        text = chat.render(self.tok.tokenizer, self.spec.template, messages, add_generation_prompt=True)
+        extra = {k: v for k, v in row.items() if k != self.field}
+        return [{"prompt_ids": self.tok.tokenizer(text, add_special_tokens=False)["input_ids"], **extra}]
+
+
+def _message(value, where: str, name: str) -> dict:
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return value[-1]
+    raise JaxtuneError(f"{where}: field {name!r} must be a string or an assistant message")
+
+
+def _read_default(field_messages: str, field_chosen: str, field_rejected: str):
+    def read(row, where):
+        prompt = row.get(field_messages)
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return prompt or [], _message(row.get(field_chosen), where, field_chosen), \
+            _message(row.get(field_rejected), where, field_rejected)
+    return read
+
+
+def _read_intel(row, where):
+    prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    prompt.append({"role": "user", "content": _field(row, "question", where)})
+    return prompt, _message(row.get("chosen"), where, "chosen"), _message(row.get("rejected"), where, "rejected")
+
+
+SFT_TYPES = ("alpaca", "completion", "pretrain", "input_output", "chat_template", "sharegpt")
+PREFERENCE_TYPES = ("chat_template.default", "chatml.intel", "chatml.prompt_pairs")
+PROMPT_TYPES = ("prompt",)
+SUPPORTED_TYPES = SFT_TYPES + PREFERENCE_TYPES + PROMPT_TYPES
+
+
+def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str, top_jinja: str | None,
+                  train_on_inputs: bool, sequence_len: int) -> Encoder:
+    """The encoder for one `datasets:` entry."""
+    kind = entry.type
+    if isinstance(kind, UserDefinedFormat):
+        return PromptFormatEncoder(tok, kind, train_on_inputs)
+    if kind is None:
+        raise JaxtuneError(f"dataset {entry.path}: set `type:` (one of {', '.join(SUPPORTED_TYPES)}, or a "
+                           "user-defined mapping)")
+    if kind == "alpaca":
+        return PromptFormatEncoder(tok, ALPACA, train_on_inputs, no_input_system=ALPACA_NO_INPUT_SYSTEM,
+                                   type_name="alpaca")
+    if kind in ("completion", "pretrain"):
+        return CompletionEncoder(tok, entry.field or "text", chunk=sequence_len if kind == "pretrain" else None,
+                                 type_name=kind)
+    if kind == "input_output":
+        return InputOutputEncoder(tok)
+
+    def spec(template_name=None, **defaults) -> ChatSpec:
+        name = template_name or entry.chat_template or top_template
+        jinja = entry.chat_template_jinja or (top_jinja if name == "jinja" else None)
+        template = resolve_chat_template(name, jinja, tok.tokenizer)
+        return ChatSpec.build(
+            template, field_messages=entry.field_messages or defaults.get("field_messages"),
+            message_property_mappings=entry.message_property_mappings or defaults.get("mappings"),
+            roles=entry.roles, roles_to_train=entry.roles_to_train, train_on_eos=entry.train_on_eos,
+            train_on_inputs=train_on_inputs, drop_system_message=entry.drop_system_message)
+
+    if kind in ("chat_template", "sharegpt"):
+        if kind == "sharegpt":
+            from jaxtune.logging import warn_once
+            warn_once("type: sharegpt is deprecated; it is read as chat_template over conversations/from/value")
+            return ChatEncoder(tok, spec(field_messages="conversations",
+                                         mappings={"role": "from", "content": "value"}), type_name="sharegpt")
+        return ChatEncoder(tok, spec())
+    if kind in PREFERENCE_TYPES and train_on_inputs:
+        raise JaxtuneError(f"dataset {entry.path}: train_on_inputs does not apply to preference pairs (type {kind})")
+    if kind == "chat_template.default":
+        fm, fc, fr = entry.field_messages or "messages", entry.field_chosen or "chosen", entry.field_rejected or "rejected"
+        return PreferenceEncoder(tok, spec(), _read_default(fm, fc, fr), columns=(fc, fr), type_name=kind)
+    if kind == "chatml.intel":
+        return PreferenceEncoder(tok, spec("chatml"), _read_intel, columns=("question", "chosen", "rejected"),
+                                 type_name=kind)
+    if kind == "chatml.prompt_pairs":
+        return PreferenceEncoder(tok, spec("chatml"), _read_default("prompt", "chosen", "rejected"),
+                                 columns=("prompt", "chosen", "rejected"), type_name=kind)
+    if kind == "prompt":
+        return PromptEncoder(tok, spec(), entry.field_prompt or "prompt")
+    raise JaxtuneError(f"dataset {entry.path}: unknown type '{kind}'; supported: {', '.join(SUPPORTED_TYPES)} "
+                       "(or a user-defined mapping)")
+
+
+def tokenizer_info(tokenizer, eot_tokens: list[str] | None, template_name: str | None) -> TokenizerInfo:
+    if tokenizer.eos_token_id is None:
+        raise JaxtuneError("the tokenizer has no eos_token; set special_tokens: {eos_token: ...}")
+    probe = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
+    eot = {tokenizer.eos_token_id}
+    names = list(eot_tokens or [])
+    from jaxtune.data.templates import NAMED_END_OF_TURN
+    if template_name in NAMED_END_OF_TURN:
+        names.append(NAMED_END_OF_TURN[template_name])
+    for name in names:
+        ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            eot.add(ids[0])
+        elif name in (eot_tokens or []):
+            raise JaxtuneError(f"eot_tokens: {name!r} is not a single token in the vocabulary (add it with tokens:)")
+    return TokenizerInfo(tokenizer, bos, tokenizer.eos_token_id, frozenset(eot),
+                         getattr(tokenizer, "chat_template", None) or None)
+
+
+__all__ = ["SUPPORTED_TYPES", "build_encoder", "tokenizer_info", "TokenizerInfo", "Encoder", "NAMED_TEMPLATES"]

@@ -1,0 +1,306 @@
+"""The data pipeline up to the cache: read -> format -> tokenize + mask -> length policy -> mix ->
+split -> pack -> `dataset_prepared_path/<hash>/{train,eval}` (readable by `datasets.load_from_disk`).
+
+The cache key hashes everything that changes the result: the dataset entries and the files they
+point to (size and modification time), the tokenizer (vocabulary, added and special tokens), the
+chat template, sequence_len, packing and masking settings. A second run with the same key reads the
+cache and tokenizes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from jaxtune.config import Config, DatasetConfig
+from jaxtune.data import packing, sources
+from jaxtune.data.formats import Encoder, build_encoder, tokenizer_info
+from jaxtune.errors import JaxtuneError
+from jaxtune.logging import info
+
+CACHE_VERSION = 1
+
+
+class EmptyDatasetError(JaxtuneError):
+    pass
+
+
+@dataclasses.dataclass
+class PreparedData:
+    train: object  # datasets.Dataset
+    eval: object | None
+    kind: str  # sft | preference | prompt
+    stats: dict
+    path: Path
+    tokenizer: object
+    packed: bool
+    eval_packed: bool
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def load_tokenizer_for(cfg: Config):
+    """The tokenizer for a config, with `special_tokens`, `tokens` and a chosen chat template applied.
+
+    Returns (tokenizer, report) where report says how the vocabulary grew (the trainer resizes the
+    model's embeddings to `len(tokenizer)`).
+    """
+    from jaxtune import bundled
+    from jaxtune.checkpoint.hf import load_tokenizer
+    from jaxtune.data.templates import resolve_chat_template
+
+    source = cfg.tokenizer_config or cfg.base_model
+    if not source:
+        raise JaxtuneError("set base_model (or tokenizer_config) so the data can be tokenized")
+    path = bundled.resolve(source)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise JaxtuneError(f"no tokenizer files in {path} (looked for tokenizer.json / tokenizer_config.json)")
+    before = len(tokenizer)
+    if cfg.special_tokens:
+        allowed = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+        bad = set(cfg.special_tokens) - allowed
+        if bad:
+            raise JaxtuneError(f"special_tokens: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}")
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    if cfg.tokens:
+        tokenizer.add_tokens(list(cfg.tokens))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template != "tokenizer_default":
+        tokenizer.chat_template = resolve_chat_template(cfg.chat_template, cfg.chat_template_jinja, tokenizer)
+    report = {"vocab_before": before, "vocab_after": len(tokenizer)}
+    if len(tokenizer) != before:
+        info(f"tokenizer vocabulary grew from {before} to {len(tokenizer)} tokens: the model's embeddings "
+             f"will be resized to {len(tokenizer)}")
+    return tokenizer, report
+
+
+def _file_fingerprint(path: str) -> list:
+    p = Path(path).expanduser()
+    if "://" in path or not p.exists():
+        return [path]
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def cache_key(cfg: Config, tokenizer) -> str:
+    data_keys = ["dataset_weights", "shuffle_merged_datasets", "val_set_size", "dataset_shard_num",
+                 "dataset_shard_idx", "seed", "sequence_len", "excess_length_strategy", "sample_packing",
+                 "eval_sample_packing", "train_on_inputs", "chat_template", "chat_template_jinja", "eot_tokens",
+                 "special_tokens", "tokens"]
+    payload = {
+        "version": CACHE_VERSION,
+        "config": {k: getattr(cfg, k) for k in data_keys},
+        "datasets": [e.model_dump(mode="json") for e in cfg.datasets],
+        "test_datasets": [e.model_dump(mode="json") for e in cfg.test_datasets or []],
+        "files": [_file_fingerprint(e.path) for e in list(cfg.datasets) + list(cfg.test_datasets or [])],
+        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "special": tokenizer.special_tokens_map,
+        "template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _encode_batch(batch: dict, indices: list[int], *, encoder: Encoder, where: str) -> dict:
+    """datasets.map function: a batch of raw rows -> a batch of tokenized examples."""
+    columns = list(batch)
+    out: dict[str, list] = {}
+    for j, idx in enumerate(indices):
+        row = {c: batch[c][j] for c in columns}
+        for example in encoder(row, f"{where} row {idx}"):
+            for key, value in example.items():
+                out.setdefault(key, []).append(value)
+    return out
+
+
+def _tokenize(ds, encoder: Encoder, where: str, processes: int, shards: int | None):
+    import datasets
+
+    encoder.check_columns(ds.column_names, where)
+    kwargs = dict(batched=True, with_indices=True, remove_columns=ds.column_names,
+                  fn_kwargs={"encoder": encoder, "where": where}, desc=f"tokenizing {where}",
+                  num_proc=processes if processes > 1 and len(ds) >= 2 * processes else None)
+    if not shards or shards <= 1:
+        return ds.map(_encode_batch, **kwargs)
+    parts = [ds.shard(shards, i, contiguous=True) for i in range(shards)]
+    return datasets.concatenate_datasets([p.map(_encode_batch, **kwargs) for p in parts])
+
+
+def _length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
+    """Drop / truncate / reject rows longer than sequence_len, and drop rows with nothing to train."""
+    limit = cfg.sequence_len
+    if kind == "prompt":
+        return ds
+    id_cols = ["input_ids"] if kind == "sft" else ["chosen_input_ids", "rejected_input_ids"]
+    lengths = np.max([np.asarray([len(x) for x in ds[c]]) for c in id_cols], axis=0) if len(ds) else np.zeros(0)
+    too_long = np.flatnonzero(lengths > limit)
+    stats.setdefault("too_long", {})[where] = int(too_long.size)
+    if too_long.size:
+        strategy = cfg.excess_length_strategy
+        if strategy == "raise":
+            raise JaxtuneError(f"{where}: {too_long.size} rows are longer than sequence_len={limit} (first: row "
+                               f"{int(too_long[0])}, {int(lengths[too_long[0]])} tokens); "
+                               "set excess_length_strategy: drop or truncate")
+        info(f"{where}: {too_long.size} of {len(ds)} rows longer than sequence_len={limit} were "
+             f"{'dropped' if strategy == 'drop' else 'truncated'}")
+        if strategy == "drop":
+            keep = np.flatnonzero(lengths <= limit)
+            ds = ds.select(keep)
+        else:
+            cols = [c for c in ds.column_names if c.endswith("input_ids") or c.endswith("labels")]
+            ds = ds.map(lambda b: {c: [x[:limit] for x in b[c]] for c in cols}, batched=True,
+                        desc=f"truncating {where}")
+    label_cols = ["labels"] if kind == "sft" else ["chosen_labels", "rejected_labels"]
+    trains = np.all([[any(t != -100 for t in x) for x in ds[c]] for c in label_cols], axis=0) if len(ds) else []
+    untrained = int(len(ds) - np.sum(trains))
+    stats.setdefault("no_trained_tokens", {})[where] = untrained
+    if untrained:
+        info(f"{where}: {untrained} rows with no trained token were dropped")
+        ds = ds.select(np.flatnonzero(trains))
+    return ds
+
+
+def _mix(parts: list, weights: list[float] | None, seed: int):
+    """Concatenate datasets; with weights, each contributes round(share * total) rows (subsampled
+    without replacement, or repeated whole plus a sample when its share exceeds its size)."""
+    import datasets
+
+    if weights is None:
+        return datasets.concatenate_datasets(parts)
+    total = sum(len(p) for p in parts)
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for part, share in zip(parts, shares):
+        want = int(round(share * total))
+        if want == 0 or len(part) == 0:
+            continue
+        full, rest = divmod(want, len(part))
+        idx = np.concatenate([np.tile(np.arange(len(part)), full),
+                              np.sort(rng.choice(len(part), size=rest, replace=False))])
+        chosen.append(part.select(idx))
+    return datasets.concatenate_datasets(chosen)
+
+
+def _pack(ds, capacity: int, kind: str, where: str, stats: dict):
+    import datasets
+
+    if kind != "sft":
+        raise JaxtuneError(f"sample_packing applies to SFT rows; {where} has {kind} rows")
+    lengths = np.asarray([len(x) for x in ds["input_ids"]])
+    packed = packing.pack_examples(ds["input_ids"], ds["labels"], capacity)
+    eff = packing.packing_efficiency(lengths, len(packed["input_ids"]), capacity)
+    stats[f"{where}_packing_efficiency"] = eff
+    info(f"{where}: packed {len(ds)} samples into {len(packed['input_ids'])} rows of {capacity} tokens "
+         f"(packing efficiency {eff:.1%})")
+    return datasets.Dataset.from_dict(packed)
+
+
+def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | None, str, dict]:
+    import datasets
+
+    info_ = tokenizer_info(tokenizer, cfg.eot_tokens, cfg.chat_template)
+    stats: dict = {}
+
+    def encode_entries(entries: list[DatasetConfig], label: str) -> tuple[list, str]:
+        parts, kinds = [], set()
+        for i, entry in enumerate(entries):
+            where = f"{label}[{i}] ({entry.path})"
+            encoder = build_encoder(entry, tok=info_, top_template=cfg.chat_template, top_jinja=cfg.chat_template_jinja,
+                                    train_on_inputs=cfg.train_on_inputs, sequence_len=cfg.sequence_len)
+            raw = sources.load_rows(entry, i)
+            ds = _tokenize(raw, encoder, where, processes, entry.preprocess_shards)
+            ds = _length_policy(ds, encoder.kind, cfg, where, stats)
+            stats.setdefault("rows", {})[where] = len(ds)
+            parts.append(ds)
+            kinds.add(encoder.kind)
+        if len(kinds) > 1:
+            raise JaxtuneError(f"{label} mixes row kinds {sorted(kinds)}; SFT, preference and prompt datasets "
+                               "cannot be trained together")
+        return parts, kinds.pop()
+
+    if not cfg.datasets:
+        raise JaxtuneError("the config has no datasets")
+    parts, kind = encode_entries(cfg.datasets, "datasets")
+    train = _mix(parts, cfg.dataset_weights, cfg.seed)
+    if cfg.shuffle_merged_datasets:
+        train = train.shuffle(seed=cfg.seed).flatten_indices()
+    if cfg.dataset_shard_num:
+        train = train.shard(cfg.dataset_shard_num, cfg.dataset_shard_idx or 0, contiguous=True)
+    evaluation = None
+    if cfg.test_datasets:
+        eval_parts, eval_kind = encode_entries(cfg.test_datasets, "test_datasets")
+        if eval_kind != kind:
+            raise JaxtuneError(f"test_datasets hold {eval_kind} rows but datasets hold {kind} rows")
+        evaluation = datasets.concatenate_datasets(eval_parts)
+    elif cfg.val_set_size:
+        size = cfg.val_set_size
+        n_eval = int(round(size * len(train))) if size < 1 else int(size)
+        if not 0 < n_eval < len(train):
+            raise JaxtuneError(f"val_set_size={size} leaves {len(train) - n_eval} training and {n_eval} eval rows "
+                               f"out of {len(train)}")
+        split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train, evaluation = split["train"], split["test"]
+    if len(train) == 0:
+        raise EmptyDatasetError("no training rows are left after filtering (see the counts above): check "
+                                "sequence_len, excess_length_strategy and roles_to_train")
+    stats["train_samples"] = len(train)
+    stats["eval_samples"] = len(evaluation) if evaluation is not None else 0
+    if cfg.sample_packing:
+        train = _pack(train, cfg.sequence_len, kind, "train", stats)
+    if evaluation is not None and cfg.packs_eval and len(evaluation):
+        evaluation = _pack(evaluation, cfg.sequence_len, kind, "eval", stats)
+    stats["train_rows"], stats["eval_rows"] = len(train), len(evaluation) if evaluation is not None else 0
+    if kind == "sft":
+        stats["train_tokens"] = int(sum(len(x) for x in train["input_ids"]))
+        stats["trained_tokens"] = int(sum(sum(t != -100 for t in x) for x in train["labels"]))
+    return train, evaluation, kind, stats
+
+
+def prepare(cfg: Config, *, tokenizer=None, processes: int | None = None, force: bool = False) -> PreparedData:
+    """Build (or reuse) the tokenized, masked and packed datasets of a config."""
+    import datasets
+
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer_for(cfg)
+    root = Path(cfg.dataset_prepared_path or "last_run_prepared")
+    key = cache_key(cfg, tokenizer)
+    target = root / key
+    if target.is_dir() and (target / "meta.json").exists() and not force:
+        meta = json.loads((target / "meta.json").read_text())
+        info(f"using prepared data from {target}")
+        train = datasets.load_from_disk(str(target / "train"))
+        evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
+        return PreparedData(train, evaluation, meta["kind"], meta["stats"], target, tokenizer,
+                            meta["packed"], meta["eval_packed"])
+    processes = processes or cfg.dataset_processes or min(os.cpu_count() or 1, 8)
+    train, evaluation, kind, stats = _build(cfg, tokenizer, processes)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(tmp / "eval"))
+        meta = {"kind": kind, "stats": stats, "packed": cfg.sample_packing,
+                "eval_packed": bool(evaluation is not None and cfg.packs_eval), "sequence_len": cfg.sequence_len}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info(f"prepared data written to {target}")
+    train = datasets.load_from_disk(str(target / "train"))
+    evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
+    return PreparedData(train, evaluation, kind, stats, target, tokenizer, meta["packed"], meta["eval_packed"])
