@@ -284,7 +284,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     for entry in list(cfg.datasets) + list(cfg.test_datasets or []):
         if "://" in entry.path or Path(entry.path).is_absolute():
             continue
-        candidate = base / entry.path
+        candidate = base.resolve() / entry.path
         if candidate.exists() and not Path(entry.path).exists():
             entry.path = str(candidate)
 

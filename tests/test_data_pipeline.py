@@ -211,3 +211,19 @@ def test_two_hosts_see_every_row_once():
             assert ((b["segment_ids"] == 0) <= (b["labels"] == -100)).all()  # padding never trains
     assert steps[0] == steps[1] == 3
     assert sorted(seen) == list(range(1, 24))
+
+
+def test_preprocess_cli_debug_with_two_processes(tmp_path, smollm2_dir, capsys):
+    """`jaxtune preprocess --debug` on the shipped quickstart data, tokenized by 2 worker processes."""
+    from jaxtune.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    code = main(["preprocess", str(repo / "configs" / "quickstart.yml"), "--debug", "--debug-examples", "1",
+                 f"base_model={smollm2_dir}", f"dataset_prepared_path={tmp_path}", "dataset_processes=2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "prepared 2 training rows and 2 eval rows (sft)" in out
+    trained = [line for line in out.splitlines() if " * " in line]
+    assert trained and any("<|im_end|>" in line for line in trained)
+    assert not any("'user'" in line for line in trained)  # prompt tokens are never marked
+    assert main(["preprocess", str(tmp_path / "missing.yml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -20,6 +20,7 @@ Worked example (chatml, roles_to_train=[assistant], train_on_eos=turn):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 
@@ -99,40 +100,41 @@ def render(tokenizer, template: str, messages: Sequence[dict], *, add_generation
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+def _common_prefix(a: str, b: str, limit: int) -> int:
+    """Length of the common prefix of a and b (at most `limit`), by binary search on slices."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _changed_region(full: str, probe: str) -> tuple[int, int]:
     """[start, end) of `full` that differs from `probe` (common prefix and suffix removed)."""
     limit = min(len(full), len(probe))
-    start = 0
-    while start < limit and full[start] == probe[start]:
-        start += 1
-    suffix = 0
-    while suffix < limit - start and full[-1 - suffix] == probe[-1 - suffix]:
-        suffix += 1
+    start = _common_prefix(full, probe, limit)
+    suffix = _common_prefix(full[::-1], probe[::-1], limit - start)
     return start, len(full) - suffix
 
 
-def turn_regions(tokenizer, spec: ChatSpec, messages: list[dict], full: str, where: str) -> list[tuple[int, int]]:
-    """Character region of each message's content in `full` (see the module docstring)."""
-    regions = []
-    for i, message in enumerate(messages):
-        content = message["content"]
-        placeholder = _PLACEHOLDER * max(len(content), 1)
-        probe_messages = [*messages[:i], {**message, "content": placeholder}, *messages[i + 1:]]
-        probe = render(tokenizer, spec.template, probe_messages)
-        start, end = _changed_region(full, probe)
-        if start == len(full) and len(probe) == len(full):
-            raise TurnNotFoundError(f"{where}: the chat template does not write message {i} ({message['role']}); "
-                                    "its tokens cannot be labelled")
-        written = full[start:end]
-        if content and written not in content and content.strip() != written.strip() and len(written) > len(content):
-            raise TurnNotFoundError(
-                f"{where}: message {i} ({message['role']}) could not be located in the rendered template "
-                f"(the template changes more than the message's own text); labels would be wrong")
-        regions.append((start, end))
-    starts = [r[0] for r in regions]
-    if starts != sorted(starts):
-        raise TurnNotFoundError(f"{where}: the chat template writes the messages out of order")
-    return regions
+def turn_region(tokenizer, spec: ChatSpec, messages: list[dict], i: int, full: str, where: str) -> tuple[int, int]:
+    """Character region [start, end) of message i's content in `full` (see the module docstring)."""
+    message = messages[i]
+    content = message["content"]
+    placeholder = _PLACEHOLDER * max(len(content), 1)
+    probe = render(tokenizer, spec.template, [*messages[:i], {**message, "content": placeholder}, *messages[i + 1:]])
+    if probe == full:
+        raise TurnNotFoundError(f"{where}: the chat template does not write message {i} ({message['role']}); "
+                                "its tokens cannot be labelled")
+    start, end = _changed_region(full, probe)
+    if end - start > len(content) and full[start:end].strip() != content.strip():
+        raise TurnNotFoundError(
+            f"{where}: message {i} ({message['role']}) could not be located in the rendered template "
+            "(the template changes more than the message's own text); labels would be wrong")
+    return start, end
 
 
 def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids: frozenset[int],
@@ -140,7 +142,8 @@ def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids
     """(input_ids, labels) for one normalized conversation.
 
     `trained` (one flag per message) overrides `spec.roles_to_train`, e.g. only the final response of
-    a preference pair trains.
+    a preference pair trains. A turn's end-of-turn token is the first non-whitespace token after its
+    content when that token is one of `eot_ids`.
     """
     full = render(tokenizer, spec.template, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -148,27 +151,28 @@ def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids
     if spec.train_on_inputs:
         return list(ids), list(ids)
     labels = [IGNORE] * len(ids)
-    regions = turn_regions(tokenizer, spec, messages, full, where)
     if trained is None:
         trained = [m["role"] in spec.roles_to_train for m in messages]
     last_trained = max((i for i, t in enumerate(trained) if t), default=-1)
-    token = 0
-    for i, (start, end) in enumerate(regions):
-        # First token overlapping the region (tokens are in order; regions are increasing).
-        while token < len(ids) and offsets[token][1] <= start:
-            token += 1
-        first = token
-        while token < len(ids) and offsets[token][0] < end:
-            token += 1
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    previous_start = -1
+    for i in range(len(messages)):
+        eos_trains = _eos_trains(spec.train_on_eos, trained[i], i == last_trained)
+        if not (trained[i] or eos_trains):
+            continue  # nothing of this turn trains: no need to locate it
+        start, end = turn_region(tokenizer, spec, messages, i, full, where)
+        if start < previous_start:
+            raise TurnNotFoundError(f"{where}: the chat template writes message {i} before an earlier message")
+        previous_start = start
+        first = bisect.bisect_right(ends, start)  # first token ending after start
+        last = bisect.bisect_left(starts, end)  # first token starting at or after end
         if trained[i]:
-            for t in range(first, token):
-                labels[t] = ids[t]
-        next_start = regions[i + 1][0] if i + 1 < len(regions) else len(full)
-        eot = token
-        while eot < len(ids) and offsets[eot][0] < next_start and ids[eot] not in eot_ids:
-            eot += 1
-        if eot < len(ids) and offsets[eot][0] < next_start and _eos_trains(spec.train_on_eos, trained[i],
-                                                                             i == last_trained):
+            labels[first:last] = ids[first:last]
+        eot = last
+        while eot < len(ids) and not full[offsets[eot][0]:offsets[eot][1]].strip() and ids[eot] not in eot_ids:
+            eot += 1  # skip whitespace between the content and the end-of-turn token
+        if eos_trains and eot < len(ids) and ids[eot] in eot_ids:
             labels[eot] = ids[eot]
     return list(ids), labels
 
