@@ -65,11 +65,17 @@ def _preprocess(args: argparse.Namespace) -> int:
     print(f"prepared {stats['train_rows']} training rows and {stats['eval_rows']} eval rows ({data.kind}) in "
           f"{data.path}")
     if args.debug:
-        if data.kind != "sft":
-            print(data.train[0])
+        color = sys.stdout.isatty()
         for i in range(min(args.debug_examples, len(data.train))):
-            print(f"=== example {i}")
-            print(describe_example(data.tokenizer, data.train[i], color=sys.stdout.isatty()))
+            row = data.train[i]
+            if data.kind == "prompt":
+                print(f"=== example {i} (prompt)\n{data.tokenizer.decode(row['prompt_ids'])}")
+                continue
+            parts = ["chosen", "rejected"] if data.kind == "preference" else [None]
+            for part in parts:
+                shown = row if part is None else {"input_ids": row[f"{part}_input_ids"], "labels": row[f"{part}_labels"]}
+                print(f"=== example {i}" + (f" ({part})" if part else ""))
+                print(describe_example(data.tokenizer, shown, color=color))
     return 0
 
 

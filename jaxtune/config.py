@@ -170,9 +170,6 @@ class Config(_Section):
     tokens: list[str] | None = Field(None, description="New tokens to add to the vocabulary.")
     dataset_prepared_path: str | None = Field(None, description="Cache directory of tokenized (packed) data.")
     dataset_processes: int | None = Field(None, ge=1, description="Tokenization processes (default: CPU count).")
-    micro_batch_size: int = Field(1, ge=1, description="Rows per batch on each data-parallel rank.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Eval rows per batch (default micro_batch_size).")
-    output_dir: str = Field("./outputs", description="Where runs write their outputs.")
 
     @model_validator(mode="before")
     @classmethod

@@ -63,7 +63,7 @@ def main() -> None:
     tokenizer = load_tokenizer(bundled.prepare("smollm2"))
     conversations = synthetic_conversations(args.rows)
     encoder = build_encoder(DatasetConfig(path="synthetic", type="chat_template"),
-                            tok=tokenizer_info(tokenizer, None, "tokenizer_default"), top_template="tokenizer_default",
+                            tok=tokenizer_info(tokenizer), top_template="tokenizer_default",
                             top_jinja=None, train_on_inputs=False, sequence_len=args.sequence_len)
 
     t0 = time.perf_counter()

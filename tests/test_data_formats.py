@@ -13,7 +13,7 @@ import pytest
 
 from jaxtune.config import DatasetConfig
 from jaxtune.data.chat import IGNORE, TurnNotFoundError
-from jaxtune.data.formats import SUPPORTED_TYPES, build_encoder, tokenizer_info
+from jaxtune.data.formats import SUPPORTED_TYPES, build_encoder, end_of_turn_ids, tokenizer_info
 from jaxtune.data.templates import NAMED_TEMPLATES
 from jaxtune.errors import JaxtuneError
 
@@ -40,7 +40,7 @@ def marked_tokenizer(tokenizer):
 
 def encode(tok, entry: dict, rows: list[dict], *, template="tokenizer_default", train_on_inputs=False,
            sequence_len=4096, eot_tokens=None):
-    enc = build_encoder(DatasetConfig(**entry), tok=tokenizer_info(tok, eot_tokens, template), top_template=template,
+    enc = build_encoder(DatasetConfig(**entry), tok=tokenizer_info(tok, eot_tokens), top_template=template,
                         top_jinja=None, train_on_inputs=train_on_inputs, sequence_len=sequence_len)
     out = []
     for i, row in enumerate(rows):
@@ -83,11 +83,11 @@ def expected_chat_labels(tok, template, messages, eot_ids, train_on_eos="turn", 
 @pytest.mark.parametrize("name", ["tokenizer_default", "chatml", "llama3", "mistral", "gemma"])
 def test_chat_template_masks_every_assistant_turn(marked_tokenizer, name):
     tok = marked_tokenizer
-    info = tokenizer_info(tok, None, name)
+    eot_ids = end_of_turn_ids(tokenizer_info(tok), name)
     template = tok.chat_template if name == "tokenizer_default" else NAMED_TEMPLATES[name]
     messages = CONVERSATION if name not in ("mistral",) else CONVERSATION  # system folded by the template
     [ex] = encode(tok, {"path": "x", "type": "chat_template"}, [{"messages": messages}], template=name)
-    ids, labels = expected_chat_labels(tok, template, messages, info.eot_ids)
+    ids, labels = expected_chat_labels(tok, template, messages, eot_ids)
     assert ex["input_ids"] == ids
     assert ex["labels"] == labels
     # every assistant turn trains, not only the last
@@ -100,13 +100,13 @@ def test_chat_template_masks_every_assistant_turn(marked_tokenizer, name):
 
 @pytest.mark.parametrize("train_on_eos", ["turn", "all", "last", "none"])
 def test_train_on_eos(tokenizer, train_on_eos):
-    info = tokenizer_info(tokenizer, None, "tokenizer_default")
+    eot_ids = tokenizer_info(tokenizer).eot_ids
     [ex] = encode(tokenizer, {"path": "x", "type": "chat_template", "train_on_eos": train_on_eos},
                   [{"messages": CONVERSATION}])
     eos = tokenizer.eos_token_id
     trained_eos = [i for i, t in enumerate(ex["labels"]) if t == eos]
     all_eos = [i for i, t in enumerate(ex["input_ids"]) if t == eos]
-    ids, want = expected_chat_labels(tokenizer, tokenizer.chat_template, CONVERSATION, info.eot_ids,
+    ids, want = expected_chat_labels(tokenizer, tokenizer.chat_template, CONVERSATION, eot_ids,
                                      train_on_eos=train_on_eos)
     if train_on_eos == "all":  # every turn's end-of-turn token, trained turns or not
         for i in all_eos:
@@ -119,10 +119,10 @@ def test_train_on_eos(tokenizer, train_on_eos):
 
 
 def test_roles_to_train_and_train_on_inputs(tokenizer):
-    info = tokenizer_info(tokenizer, None, "tokenizer_default")
+    eot_ids = tokenizer_info(tokenizer).eot_ids
     [ex] = encode(tokenizer, {"path": "x", "type": "chat_template", "roles_to_train": ["user", "assistant"]},
                   [{"messages": CONVERSATION}])
-    _, want = expected_chat_labels(tokenizer, tokenizer.chat_template, CONVERSATION, info.eot_ids,
+    _, want = expected_chat_labels(tokenizer, tokenizer.chat_template, CONVERSATION, eot_ids,
                                    roles=("user", "assistant"))
     assert ex["labels"] == want
     [ex] = encode(tokenizer, {"path": "x", "type": "chat_template"}, [{"messages": CONVERSATION}],
@@ -242,3 +242,19 @@ def test_unknown_type_lists_supported(tokenizer):
     with pytest.raises(JaxtuneError, match="unknown type 'alpacca'.*alpaca.*chat_template"):
         encode(tokenizer, {"path": "x", "type": "alpacca"}, [])
     assert {"alpaca", "completion", "input_output", "chat_template", "sharegpt", "pretrain"} <= set(SUPPORTED_TYPES)
+
+
+def test_per_dataset_template_trains_its_own_end_of_turn(marked_tokenizer):
+    """A dataset's own `chat_template: llama3` (top level left at tokenizer_default) trains <|eot_id|>."""
+    tok = marked_tokenizer
+    msgs = CONVERSATION[1:3]
+    [ex] = encode(tok, {"path": "x", "type": "chat_template", "chat_template": "llama3"}, [{"messages": msgs}])
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert [t for t in ex["labels"] if t != IGNORE] == ids_of(tok, "Hello! How can I help?") + [eot]
+
+
+def test_keys_a_type_does_not_read_are_errors(tokenizer):
+    with pytest.raises(JaxtuneError, match="field_messages does not apply to type 'alpaca'"):
+        encode(tokenizer, {"path": "x", "type": "alpaca", "field_messages": "conversations"}, [])
+    with pytest.raises(JaxtuneError, match="field_chosen does not apply to type 'chatml.intel'"):
+        encode(tokenizer, {"path": "x", "type": "chatml.intel", "field_chosen": "good"}, [])

@@ -250,3 +250,15 @@ def test_loader_pads_to_sequence_len_when_asked():
         loader = BatchLoader(rows, batch_size=2, sequence_len=200, pad_id=0, packed=False, pad_to_sequence_len=pad,
                              shard_index=0, shard_count=1)
         assert {b["input_ids"].shape for b in loader.iterate()} == {(2, width)}
+
+
+def test_preprocess_debug_shows_preference_pairs(tmp_path, smollm2_dir, capsys):
+    from jaxtune.cli import main
+
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Pick", "chosen": "yes", "rejected": "no"}])
+    (tmp_path / "c.yml").write_text(f"base_model: {smollm2_dir}\ndatasets:\n  - path: p.jsonl\n"
+                                    f"    type: chatml.prompt_pairs\ndataset_prepared_path: {tmp_path / 'prep'}\n")
+    assert main(["preprocess", str(tmp_path / "c.yml"), "--debug"]) == 0
+    out = capsys.readouterr().out
+    assert "=== example 0 (chosen)" in out and "=== example 0 (rejected)" in out
+    assert any(" * " in line and "'yes'" in line for line in out.splitlines())

@@ -53,11 +53,12 @@ class ChatSpec:
     train_on_eos: str = "turn"
     train_on_inputs: bool = False
     drop_system_message: bool = False
+    eot_ids: frozenset[int] = frozenset()  # end-of-turn token ids (eos, eot_tokens, the template's marker)
 
     @classmethod
     def build(cls, template: str, *, field_messages=None, message_property_mappings=None, roles=None,
               roles_to_train=None, train_on_eos=None, train_on_inputs=False, drop_system_message=False,
-              default_field="messages") -> ChatSpec:
+              eot_ids=frozenset(), default_field="messages") -> ChatSpec:
         mapping = message_property_mappings or {}
         unknown = set(mapping) - {"role", "content"}
         if unknown:
@@ -69,7 +70,7 @@ class ChatSpec:
         return cls(template=template, field_messages=field_messages or default_field,
                    role_key=mapping.get("role", "role"), content_key=mapping.get("content", "content"),
                    role_map=role_map, roles_to_train=tuple(roles_to_train or ("assistant",)),
-                   train_on_eos=train_on_eos or "turn", train_on_inputs=train_on_inputs,
+                   train_on_eos=train_on_eos or "turn", train_on_inputs=train_on_inputs, eot_ids=frozenset(eot_ids),
                    drop_system_message=drop_system_message)
 
 
@@ -137,13 +138,12 @@ def turn_region(tokenizer, spec: ChatSpec, messages: list[dict], i: int, full: s
     return start, end
 
 
-def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids: frozenset[int],
-                        where: str, trained: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], where: str, trained: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one normalized conversation.
 
     `trained` (one flag per message) overrides `spec.roles_to_train`, e.g. only the final response of
     a preference pair trains. A turn's end-of-turn token is the first non-whitespace token after its
-    content when that token is one of `eot_ids`.
+    content when that token is one of `spec.eot_ids`.
     """
     full = render(tokenizer, spec.template, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -154,6 +154,7 @@ def encode_conversation(tokenizer, spec: ChatSpec, messages: list[dict], eot_ids
     if trained is None:
         trained = [m["role"] in spec.roles_to_train for m in messages]
     last_trained = max((i for i, t in enumerate(trained) if t), default=-1)
+    eot_ids = spec.eot_ids
     starts = [a for a, _ in offsets]
     ends = [b for _, b in offsets]
     previous_start = -1

@@ -19,8 +19,9 @@ from typing import Any
 from jaxtune.config import DatasetConfig, UserDefinedFormat
 from jaxtune.data import chat
 from jaxtune.data.chat import IGNORE, ChatSpec
-from jaxtune.data.templates import NAMED_TEMPLATES, resolve_chat_template
+from jaxtune.data.templates import NAMED_END_OF_TURN, resolve_chat_template
 from jaxtune.errors import JaxtuneError
+from jaxtune.logging import warn_once
 
 ALPACA = UserDefinedFormat(
     system_prompt="Below is an instruction that describes a task, paired with an input that provides further "
@@ -39,12 +40,12 @@ class TokenizerInfo:
     tokenizer: Any
     bos_id: int | None  # prepended to prompt formats when the tokenizer adds a BOS itself
     eos_id: int
-    eot_ids: frozenset[int]  # end-of-turn ids for chat formats (eos + eot_tokens + template marker)
-    default_template: str | None
+    eot_ids: frozenset[int]  # eos + the config's eot_tokens; a chat template adds its own marker
 
 
 class Encoder:
     kind = "sft"
+    type_name = ""
     columns: tuple[str, ...] = ()
 
     def __call__(self, row: dict, where: str) -> list[dict]:
@@ -55,8 +56,6 @@ class Encoder:
         if missing:
             raise JaxtuneError(f"{where}: missing field {missing[0]!r} for type '{self.type_name}'; the dataset "
                                f"has columns {sorted(columns)}")
-
-    type_name = ""
 
 
 def _text_ids(tok: TokenizerInfo, text: str) -> list[int]:
@@ -155,7 +154,7 @@ class ChatEncoder(Encoder):
 
     def __call__(self, row, where):
         messages = chat.normalize_messages(row.get(self.spec.field_messages), self.spec, where)
-        ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, self.tok.eot_ids, where)
+        ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, where)
         return [{"input_ids": ids, "labels": labels}]
 
 
@@ -183,8 +182,7 @@ class PreferenceEncoder(Encoder):
                 raise JaxtuneError(f"{where}: the {name} response must be an assistant message")
             # Only the response trains: assistant turns inside the prompt are context.
             trained = [False] * (len(messages) - 1) + [True]
-            ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, self.tok.eot_ids, where,
-                                                   trained=trained)
+            ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, where, trained=trained)
             out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
         return [out]
 
@@ -243,15 +241,50 @@ PROMPT_TYPES = ("prompt",)
 SUPPORTED_TYPES = SFT_TYPES + PREFERENCE_TYPES + PROMPT_TYPES
 
 
+# Dataset keys each type reads, besides the ones every type reads (where and how to load the rows).
+_CHAT_KEYS = {"field_messages", "message_property_mappings", "roles", "roles_to_train", "train_on_eos",
+              "chat_template", "chat_template_jinja", "drop_system_message"}
+_LOADING_KEYS = {"path", "type", "ds_type", "data_files", "split", "name", "revision", "trust_remote_code", "shards",
+                 "shards_idx", "preprocess_shards"}
+TYPE_KEYS: dict[str, set[str]] = {
+    "alpaca": set(), "user-defined": set(), "input_output": set(),
+    "completion": {"field"}, "pretrain": {"field"},
+    "chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS,
+    "chat_template.default": _CHAT_KEYS | {"field_chosen", "field_rejected"},
+    "chatml.intel": {"train_on_eos", "drop_system_message"},
+    "chatml.prompt_pairs": {"train_on_eos"},
+    "prompt": _CHAT_KEYS | {"field_prompt"},
+}
+
+
+def _check_keys(entry: DatasetConfig, type_name: str) -> None:
+    """A dataset key the type does not read is an error, never silently ignored."""
+    unused = sorted(k for k in entry.model_fields_set - _LOADING_KEYS if k not in TYPE_KEYS[type_name])
+    if unused:
+        raise JaxtuneError(f"dataset {entry.path}: {', '.join(unused)} does not apply to type '{type_name}' "
+                           f"(it reads: {', '.join(sorted(TYPE_KEYS[type_name])) or 'no extra keys'})")
+
+
+def end_of_turn_ids(tok: TokenizerInfo, template_name: str | None) -> frozenset[int]:
+    """End-of-turn ids for a chat template: eos, eot_tokens, and a named template's own marker."""
+    marker = NAMED_END_OF_TURN.get(template_name or "")
+    ids = tok.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return tok.eot_ids | frozenset(ids) if len(ids) == 1 else tok.eot_ids
+
+
 def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str, top_jinja: str | None,
                   train_on_inputs: bool, sequence_len: int) -> Encoder:
     """The encoder for one `datasets:` entry."""
     kind = entry.type
-    if isinstance(kind, UserDefinedFormat):
-        return PromptFormatEncoder(tok, kind, train_on_inputs)
     if kind is None:
         raise JaxtuneError(f"dataset {entry.path}: set `type:` (one of {', '.join(SUPPORTED_TYPES)}, or a "
                            "user-defined mapping)")
+    if isinstance(kind, str) and kind not in TYPE_KEYS:
+        raise JaxtuneError(f"dataset {entry.path}: unknown type '{kind}'; supported: {', '.join(SUPPORTED_TYPES)} "
+                           "(or a user-defined mapping)")
+    _check_keys(entry, kind if isinstance(kind, str) else "user-defined")
+    if isinstance(kind, UserDefinedFormat):
+        return PromptFormatEncoder(tok, kind, train_on_inputs)
     if kind == "alpaca":
         return PromptFormatEncoder(tok, ALPACA, train_on_inputs, no_input_system=ALPACA_NO_INPUT_SYSTEM,
                                    type_name="alpaca")
@@ -269,11 +302,11 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
             template, field_messages=entry.field_messages or defaults.get("field_messages"),
             message_property_mappings=entry.message_property_mappings or defaults.get("mappings"),
             roles=entry.roles, roles_to_train=entry.roles_to_train, train_on_eos=entry.train_on_eos,
-            train_on_inputs=train_on_inputs, drop_system_message=entry.drop_system_message)
+            train_on_inputs=train_on_inputs, drop_system_message=entry.drop_system_message,
+            eot_ids=end_of_turn_ids(tok, name))
 
     if kind in ("chat_template", "sharegpt"):
         if kind == "sharegpt":
-            from jaxtune.logging import warn_once
             warn_once("type: sharegpt is deprecated; it is read as chat_template over conversations/from/value")
             return ChatEncoder(tok, spec(field_messages="conversations",
                                          mappings={"role": "from", "content": "value"}), type_name="sharegpt")
@@ -289,30 +322,21 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
     if kind == "chatml.prompt_pairs":
         return PreferenceEncoder(tok, spec("chatml"), _read_default("prompt", "chosen", "rejected"),
                                  columns=("prompt", "chosen", "rejected"), type_name=kind)
-    if kind == "prompt":
-        return PromptEncoder(tok, spec(), entry.field_prompt or "prompt")
-    raise JaxtuneError(f"dataset {entry.path}: unknown type '{kind}'; supported: {', '.join(SUPPORTED_TYPES)} "
-                       "(or a user-defined mapping)")
+    return PromptEncoder(tok, spec(), entry.field_prompt or "prompt")
 
 
-def tokenizer_info(tokenizer, eot_tokens: list[str] | None, template_name: str | None) -> TokenizerInfo:
+def tokenizer_info(tokenizer, eot_tokens: list[str] | None = None) -> TokenizerInfo:
     if tokenizer.eos_token_id is None:
         raise JaxtuneError("the tokenizer has no eos_token; set special_tokens: {eos_token: ...}")
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
     eot = {tokenizer.eos_token_id}
-    names = list(eot_tokens or [])
-    from jaxtune.data.templates import NAMED_END_OF_TURN
-    if template_name in NAMED_END_OF_TURN:
-        names.append(NAMED_END_OF_TURN[template_name])
-    for name in names:
+    for name in eot_tokens or []:
         ids = tokenizer(name, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            eot.add(ids[0])
-        elif name in (eot_tokens or []):
+        if len(ids) != 1:
             raise JaxtuneError(f"eot_tokens: {name!r} is not a single token in the vocabulary (add it with tokens:)")
-    return TokenizerInfo(tokenizer, bos, tokenizer.eos_token_id, frozenset(eot),
-                         getattr(tokenizer, "chat_template", None) or None)
+        eot.add(ids[0])
+    return TokenizerInfo(tokenizer, bos, tokenizer.eos_token_id, frozenset(eot))
 
 
-__all__ = ["SUPPORTED_TYPES", "build_encoder", "tokenizer_info", "TokenizerInfo", "Encoder", "NAMED_TEMPLATES"]
+__all__ = ["SUPPORTED_TYPES", "build_encoder", "end_of_turn_ids", "tokenizer_info", "TokenizerInfo", "Encoder"]

@@ -209,7 +209,7 @@ def _pack(ds, capacity: int, kind: str, where: str, stats: dict):
 def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | None, str, dict]:
     import datasets
 
-    info_ = tokenizer_info(tokenizer, cfg.eot_tokens, cfg.chat_template)
+    info_ = tokenizer_info(tokenizer, cfg.eot_tokens)
     stats: dict = {}
 
     def encode_entries(entries: list[DatasetConfig], label: str) -> tuple[list, str]:
@@ -269,20 +269,14 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
 
 def prepare(cfg: Config, *, tokenizer=None, processes: int | None = None, force: bool = False) -> PreparedData:
     """Build (or reuse) the tokenized, masked and packed datasets of a config."""
-    import datasets
-
     if tokenizer is None:
         tokenizer, _ = load_tokenizer_for(cfg)
     root = Path(cfg.dataset_prepared_path or "last_run_prepared")
     key = cache_key(cfg, tokenizer)
     target = root / key
     if target.is_dir() and (target / "meta.json").exists() and not force:
-        meta = json.loads((target / "meta.json").read_text())
         info(f"using prepared data from {target}")
-        train = datasets.load_from_disk(str(target / "train"))
-        evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
-        return PreparedData(train, evaluation, meta["kind"], meta["stats"], target, tokenizer,
-                            meta["packed"], meta["eval_packed"])
+        return _load_prepared(target, tokenizer)
     processes = processes or cfg.dataset_processes or min(os.cpu_count() or 1, 8)
     train, evaluation, kind, stats = _build(cfg, tokenizer, processes)
     root.mkdir(parents=True, exist_ok=True)
@@ -301,6 +295,15 @@ def prepare(cfg: Config, *, tokenizer=None, processes: int | None = None, force:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     info(f"prepared data written to {target}")
+    return _load_prepared(target, tokenizer)
+
+
+def _load_prepared(target: Path, tokenizer) -> PreparedData:
+    """The cached datasets (memory-mapped Arrow) and their metadata."""
+    import datasets
+
+    meta = json.loads((target / "meta.json").read_text())
     train = datasets.load_from_disk(str(target / "train"))
     evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
-    return PreparedData(train, evaluation, kind, stats, target, tokenizer, meta["packed"], meta["eval_packed"])
+    return PreparedData(train, evaluation, meta["kind"], meta["stats"], target, tokenizer, meta["packed"],
+                        meta["eval_packed"])
