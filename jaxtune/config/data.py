@@ -1,66 +1,15 @@
-"""The config schema: Axolotl's YAML keys, typed and validated (pydantic).
-
-Every key is a typed, described field; unknown keys are errors that name the key and the closest
-valid one. Deprecated Axolotl names are rewritten to their current name in one table
-(`DEPRECATED_KEYS`), with one warning each. Keys that mean nothing on JAX are listed in
-`NO_EFFECT_KEYS` and accepted with one warning each; none is dropped silently.
-
-This module holds the model and data sections; the trainer's keys join the same `Config` class.
-
-    cfg = load_config("x.yml", overrides=["sequence_len=1024"])
-"""
+"""The data keys: `datasets:` entries (DatasetConfig), user-defined formats, and the top-level keys
+that shape the prepared data (lengths, packing, templates, splits)."""
 
 from __future__ import annotations
 
-import difflib
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from jaxtune.errors import JaxtuneError
-from jaxtune.logging import warn_once
+from jaxtune.config.base import Section, rewrite_deprecated
 
-
-class ConfigError(JaxtuneError):
-    """The config file or an override is invalid; the message says which key and why."""
-
-
-# Deprecated name -> current name, per section. The value is moved and one warning is printed.
-DEPRECATED_KEYS: dict[str, dict[str, str]] = {
-    "top": {},
-    "dataset": {
-        "train_on_split": "split",
-        "conversation": "chat_template",
-        "message_field_role": "message_property_mappings.role",
-        "message_field_content": "message_property_mappings.content",
-    },
-}
-
-# Keys Axolotl has that change nothing here, with the reason printed in their one warning.
-NO_EFFECT_KEYS: dict[str, str] = {
-    "sample_packing_group_size": "jaxtune packs the whole dataset at once with first-fit-decreasing",
-    "sample_packing_bin_size": "jaxtune packs the whole dataset at once with first-fit-decreasing",
-    "sample_packing_eff_est": "packing efficiency is measured at preprocessing and printed",
-    "total_num_tokens": "token counts are measured at preprocessing",
-    "tokenizer_type": "tokenizers are always loaded with transformers' AutoTokenizer",
-    "tokenizer_use_fast": "jaxtune always uses the fast (Rust) tokenizer",
-    "is_llama_derived_model": "the architecture is read from config.json",
-    "is_mistral_derived_model": "the architecture is read from config.json",
-    "is_qwen_derived_model": "the architecture is read from config.json",
-}
-
-USER_DEFINED_FIELDS = ("system_prompt", "system_format", "field_system", "field_instruction", "field_input",
-                       "field_output", "format", "no_input_format", "field")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
-
-
-class UserDefinedFormat(_Section):
+class UserDefinedFormat(Section):
     """`type:` given as a mapping: a prompt format written in the config (Axolotl's user-defined)."""
 
     system_prompt: str = Field("", description="System text used when the row has no system field.")
@@ -88,7 +37,7 @@ class UserDefinedFormat(_Section):
         return v
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     """One entry of `datasets:` / `test_datasets:`."""
 
     path: str = Field(..., description="Local file or directory, datasets hub id, or fsspec URL (s3://, gs://, file://...).")
@@ -126,7 +75,7 @@ class DatasetConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _deprecated(cls, data: Any) -> Any:
-        return _rewrite_deprecated(data, "dataset") if isinstance(data, dict) else data
+        return rewrite_deprecated(data, "dataset") if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
@@ -140,11 +89,9 @@ class DatasetConfig(_Section):
         return self
 
 
-class Config(_Section):
-    """The whole config (model and data sections)."""
+class DataKeys(Section):
+    """Top-level keys of the data pipeline."""
 
-    base_model: str | None = Field(None, description="HF model directory, or `bundled:smollm2`.")
-    tokenizer_config: str | None = Field(None, description="Directory of the tokenizer, when not base_model's.")
     datasets: list[DatasetConfig] = Field(default_factory=list, description="Training datasets.")
     test_datasets: list[DatasetConfig] | None = Field(None, description="Explicit evaluation datasets.")
     dataset_weights: list[float] | None = Field(
@@ -171,19 +118,8 @@ class Config(_Section):
     dataset_prepared_path: str | None = Field(None, description="Cache directory of tokenized (packed) data.")
     dataset_processes: int | None = Field(None, ge=1, description="Tokenization processes (default: CPU count).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _deprecated(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = _rewrite_deprecated(data, "top")
-        for key in [k for k in data if k in NO_EFFECT_KEYS]:
-            warn_once(f"config key '{key}' has no effect in jaxtune: {NO_EFFECT_KEYS[key]}")
-            data = {k: v for k, v in data.items() if k != key}
-        return data
-
     @model_validator(mode="after")
-    def _check(self) -> Config:
+    def _check_data(self) -> DataKeys:
         if self.dataset_weights is not None:
             if len(self.dataset_weights) != len(self.datasets):
                 raise ValueError(f"dataset_weights has {len(self.dataset_weights)} entries for "
@@ -201,103 +137,3 @@ class Config(_Section):
     @property
     def packs_eval(self) -> bool:
         return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
-
-
-def _rewrite_deprecated(data: dict, section: str) -> dict:
-    data = dict(data)
-    for old, new in DEPRECATED_KEYS[section].items():
-        if old not in data:
-            continue
-        value = data.pop(old)
-        warn_once(f"config key '{old}' is deprecated; use '{new}'")
-        if "." in new:
-            parent, child = new.split(".")
-            data[parent] = {**(data.get(parent) or {}), child: value}
-        elif new in data and data[new] != value:
-            raise ValueError(f"both '{old}' (deprecated) and '{new}' are set")
-        else:
-            data[new] = value
-    return data
-
-
-def _fields_of(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _section_for(loc: tuple) -> type[BaseModel]:
-    if loc and loc[0] in ("datasets", "test_datasets"):
-        return UserDefinedFormat if len(loc) > 3 and loc[2] == "type" else DatasetConfig
-    return Config
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        if err["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            candidates = _fields_of(_section_for(loc)) + list(NO_EFFECT_KEYS)
-            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown config key '{where}'{hint}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where or 'config'}: {msg}" + (f" (got {err['input']!r})" if "input" in err and
-                                                          not isinstance(err["input"], dict) else ""))
-    return f"{source}: " + "; ".join(lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers/bools/lists work)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key=value")
-    key, raw = item.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override '{item}' has no key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-
-
-def build_config(data: dict, *, source: str = "config", overrides: list[str] | None = None,
-                 base_dir: str | os.PathLike | None = None) -> Config:
-    data = dict(data or {})
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        target = data
-        for k in keys[:-1]:
-            target = target.setdefault(int(k) if isinstance(target, list) else k, {})
-        target[keys[-1]] = value
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
-    if base_dir is not None:
-        _resolve_paths(cfg, Path(base_dir))
-    return cfg
-
-
-def _resolve_paths(cfg: Config, base: Path) -> None:
-    """Relative local paths are relative to the config file's directory when they exist there."""
-    for entry in list(cfg.datasets) + list(cfg.test_datasets or []):
-        if "://" in entry.path or Path(entry.path).is_absolute():
-            continue
-        candidate = base.resolve() / entry.path
-        if candidate.exists() and not Path(entry.path).exists():
-            entry.path = str(candidate)
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-    return build_config(data, source=str(path), overrides=overrides, base_dir=path.parent)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)

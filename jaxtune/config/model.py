@@ -1,0 +1,93 @@
+"""The model keys: which checkpoint, precision, attention, remat, and the adapter (LoRA / QLoRA)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from jaxtune.config.base import Section
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
+ATTN_IMPLEMENTATIONS = ("auto", "xla", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+                        "xformers")
+
+
+class ModelKeys(Section):
+    base_model: str | None = Field(None, description="HF model directory, or `bundled:smollm2`.")
+    tokenizer_config: str | None = Field(None, description="Directory of the tokenizer, when not base_model's.")
+    # precision
+    bf16: bool | Literal["auto", "full"] = Field(
+        "auto", description="bf16 compute with fp32 trainable parameters; `full` keeps every parameter in bf16; "
+        "`auto` uses bf16 where the backend runs it fast (GPU, TPU) and fp32 on CPU.")
+    fp16: bool | None = Field(None, description="Mapped to bf16 (JAX trains in bf16, no loss scaling needed).")
+    bfloat16: bool | None = Field(None, description="Store every parameter in bf16 (same as bf16: full).")
+    float16: bool | None = Field(None, description="Mapped to bfloat16.")
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(  # type: ignore[valid-type]
+        "auto", description="Attention kernel; HF names (eager, sdpa, flash_attention_2, ...) map to jaxtune's "
+        "backends.")
+    gradient_checkpointing: bool | Literal["full", "dots", "none"] = Field(
+        False, description="Rematerialise activations in the backward pass: true/full recomputes each layer, "
+        "`dots` keeps matmul outputs.")
+    context_parallel_size: int = Field(1, ge=1, description="Sequence-parallel degree (1 in this release).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree (1 in this release).")
+    dp_shard_size: int | None = Field(None, ge=1, description="FSDP degree (not in this release).")
+    # adapters
+    adapter: Literal["lora", "qlora"] | None = Field(None, description="Train a LoRA adapter (qlora: over NF4 "
+                                                     "frozen weights) instead of every parameter.")
+    lora_model_dir: str | None = Field(None, description="Start from this PEFT adapter directory.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA alpha: the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | str | None = Field(
+        None, description=f"Projections that get adapters (of {', '.join(LINEAR_MODULES)}); a string is a "
+        "regular expression over module paths, as in PEFT.")
+    lora_target_linear: bool | None = Field(None, description="Adapt every linear projection of the layers.")
+    lora_modules_to_save: list[Literal["embed_tokens", "lm_head"]] | None = Field(
+        None, description="Modules trained fully next to the adapter (saved whole in the adapter).")
+    peft_use_rslora: bool = Field(False, description="rsLoRA scaling alpha / sqrt(r).")
+    peft_layers_to_transform: list[int] | int | None = Field(None, description="Only these layer indices get "
+                                                             "adapters.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times "
+                                            "faster than A.")
+    loraplus_lr_embedding: float | None = Field(1e-6, gt=0, description="LoRA+: learning rate of embedding "
+                                                "adapters.")
+    # quantization
+    load_in_4bit: bool | None = Field(None, description="Frozen kernels stored as NF4 (adapter: qlora).")
+    load_in_8bit: bool | None = Field(None, description="int8 frozen kernels (not supported; use load_in_4bit).")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the NF4 block scales too.")
+    bnb_4bit_quant_type: Literal["nf4"] = Field("nf4", description="4-bit code book (nf4 only).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Dtype the NF4 kernels are dequantized to (default: the compute dtype).")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ModelKeys:
+        if self.load_in_8bit:
+            raise ValueError("load_in_8bit is not supported: int8 frozen kernels are not implemented; use "
+                             "adapter: qlora with load_in_4bit: true (NF4), or plain lora")
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            raise ValueError("adapter: qlora needs load_in_4bit: true")
+        if self.load_in_4bit and self.adapter != "qlora":
+            raise ValueError("load_in_4bit: true needs adapter: qlora (4-bit weights cannot train)")
+        for key in ("context_parallel_size", "tensor_parallel_size"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key} > 1 needs the device mesh, which is not in this release")
+        if self.dp_shard_size not in (None, 1):
+            raise ValueError("dp_shard_size (FSDP) needs the device mesh, which is not in this release")
+        lora_keys = ("lora_model_dir", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
+                     "peft_layers_to_transform", "loraplus_lr_ratio")
+        if self.adapter is None:
+            given = [k for k in lora_keys if getattr(self, k) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} set without adapter: lora / qlora")
+        elif self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear:
+            raise ValueError("an adapter needs lora_target_modules or lora_target_linear: true")
+        if isinstance(self.lora_target_modules, list):
+            unknown = [m for m in self.lora_target_modules if m not in LINEAR_MODULES]
+            if unknown:
+                hint = " (embeddings and lm_head train fully with lora_modules_to_save)" if any(
+                    m in ("lm_head", "embed_tokens") for m in unknown) else ""
+                raise ValueError(f"lora_target_modules: {', '.join(unknown)} is not a linear projection of the "
+                                 f"layers; choose from {', '.join(LINEAR_MODULES)}{hint}")
+        return self
