@@ -14,12 +14,13 @@ _warned: set[str] = set()
 
 
 def _ensure_handler() -> None:
-    if not logger.handlers and not _logging.getLogger().handlers:
+    # Our own handler: libraries (absl via orbax) configure the root logger at WARNING.
+    if not logger.handlers:
         handler = _logging.StreamHandler(sys.stderr)
         handler.setFormatter(_logging.Formatter("jaxtune: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(_logging.INFO)
-        logger.propagate = True
+        logger.propagate = False
 
 
 def info(message: str) -> None:
@@ -33,3 +34,93 @@ def warn_once(message: str) -> None:
     _warned.add(message)
     _ensure_handler()
     logger.warning(message)
+
+
+class MetricsWriter:
+    """output_dir/metrics.jsonl (one JSON object per record), plus TensorBoard and W&B when enabled.
+
+    On resume, records past the resumed step are dropped first, so the file describes exactly the
+    trajectory that continues.
+    """
+
+    def __init__(self, output_dir, *, resume_step: int = 0, tensorboard: bool = False, wandb_config=None,
+                 run_config: dict | None = None):
+        import json
+        from pathlib import Path
+
+        self._json = json
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "events"))
+        self._wandb = None
+        if wandb_config and wandb_config.get("project"):
+            try:
+                import wandb
+            except ImportError:
+                warn_once("wandb_project is set but wandb is not installed: metrics go to metrics.jsonl only")
+            else:
+                self._wandb = wandb.init(config=run_config, resume="allow", **wandb_config)
+
+    def write(self, record: dict) -> None:
+        self._file.write(self._json.dumps(record) + "\n")
+        self._file.flush()
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Progress:
+    """A progress bar (step, loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, every: int):
+        self.total, self.every = total, every
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, record: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        elif step % self.every == 0 or step == self.total:
+            info(f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                 f"grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_sec']:.0f}")
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            info(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -186,28 +186,49 @@ def _assemble(reader, family, ppath, abstract, pdtype, num_layers, used) -> np.n
     return out
 
 
+def _owner(model, ppath: tuple[str, ...]):
+    obj = model
+    for key in ppath[:-1]:
+        obj = getattr(obj, key)
+    return obj
+
+
 def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
-    """The model's parameters as HF tensors (names, shapes, producers), in HF's order."""
+    """The model's weights as HF tensors (names, shapes, producers), in HF's order.
+
+    LoRA adapters are merged into their kernels and NF4 kernels dequantized (to the dtype the
+    checkpoint had), so what is written is a plain model.
+    """
+    from jaxtune.models.layers import QuantizedKernel
+
     cfg = model.cfg
     family = family_for(cfg.architecture)
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, nnx.Any(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), QuantizedKernel))
     entries: list[tuple[int, int, TensorToWrite]] = []
     for ppath, var in _param_paths(state):
         value = var.get_value()
-        out_dtype = as_dtype(dtype) if dtype is not None else np.dtype(value.dtype)
         transpose = ppath[-1] == "kernel"
+        owner = _owner(model, ppath) if transpose else None
+        merge = owner is not None and (owner.lora_a is not None or isinstance(var, QuantizedKernel))
+        source_dtype = np.dtype(value.dtype if not isinstance(var, QuantizedKernel) else as_dtype(value.dtype))
+        out_dtype = as_dtype(dtype) if dtype is not None else source_dtype
         stacked = ppath[0] == "layers"
         for layer in range(cfg.num_layers) if stacked else [None]:
-            shape = value.shape[1:] if stacked else value.shape
-            shape = tuple(shape[::-1]) if transpose else tuple(shape)
+            if merge:
+                shape = (owner.out_features, owner.in_features)
+            else:
+                shape = value.shape[1:] if stacked else value.shape
+                shape = tuple(shape[::-1]) if transpose else tuple(shape)
 
-            def produce(value=value, layer=layer, transpose=transpose, out_dtype=out_dtype):
+            def produce(value=value, layer=layer, transpose=transpose, out_dtype=out_dtype, owner=owner, merge=merge):
+                if merge:
+                    return np.asarray(jax.device_get(owner.merged_kernel(layer, jnp.float32))).T.astype(out_dtype)
                 arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
                 return (arr.T if transpose else arr).astype(out_dtype)
 
             name = family.hf_tensor_name(ppath, layer)
             order = 0 if ppath[0] == "embed_tokens" else (2 if ppath[0] != "layers" else 1)
-            entries.append((order, -1 if layer is None else layer, TensorToWrite(name, shape, out_dtype, produce)))
+            entries.append((order, -1 if layer is None else layer, TensorToWrite(name, tuple(shape), out_dtype, produce)))
     entries.sort(key=lambda e: (e[0], e[1], e[2].name))
     return [e[2] for e in entries]
 

@@ -29,8 +29,20 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, stddev: float = 
     return (stddev * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+class QuantizedKernel(nnx.Variable):
+    """A frozen kernel stored quantized (its value is a `jaxtune.peft.quant.NF4Tensor`)."""
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias), computed in `dtype`; kernel [in_features, out_features]."""
+    """y = x @ kernel (+ bias) (+ LoRA), computed in `dtype`; kernel [in_features, out_features].
+
+    With a LoRA adapter (`jaxtune.peft.lora.add_lora`), PEFT's formula:
+
+        y = x @ W + scale * gate * (dropout(x) @ lora_a) @ lora_b      lora_a [in, r], lora_b [r, out]
+
+    `gate` is 1 (or 0 for layers outside `peft_layers_to_transform`). The kernel may be a
+    `QuantizedKernel` (QLoRA): it is dequantized to `dtype` inside the matmul.
+    """
 
     def __init__(
         self,
@@ -47,12 +59,54 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.kernel = param(_normal(rngs, (in_features, out_features), param_dtype), axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+        # Adapter slots (filled by jaxtune.peft.lora.add_lora); declared as data so they can hold variables.
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_gate: nnx.Variable | None = nnx.data(None)
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def dense_kernel(self, dtype: Any = None) -> jax.Array:
+        """The frozen kernel as a dense array (dequantized when stored quantized)."""
+        dtype = dtype or self.dtype
+        if isinstance(self.kernel, QuantizedKernel):
+            from jaxtune.peft.quant import nf4_dequantize
+
+            # Stored as HF's [out, in] (the blocks run along `in`, as in bitsandbytes).
+            return jnp.swapaxes(nf4_dequantize(self.kernel.get_value(), dtype), -1, -2)
+        return self.kernel[...].astype(dtype)
+
+    def merged_kernel(self, layer: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
+        """The kernel [in, out] of one layer of a stacked Linear (or the whole kernel when `layer` is
+        None), dequantized and with the LoRA update folded in (computed in float32, cast to `dtype`)."""
+        pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
+        if isinstance(self.kernel, QuantizedKernel):
+            from jaxtune.peft.quant import nf4_dequantize
+
+            w = jnp.swapaxes(nf4_dequantize(jax.tree.map(pick, self.kernel.get_value()), jnp.float32), -1, -2)
+        else:
+            w = pick(self.kernel.get_value()).astype(jnp.float32)
+        if self.lora_a is not None:
+            gate = 1.0 if self.lora_gate is None else pick(self.lora_gate.get_value())
+            delta = pick(self.lora_a.get_value()).astype(jnp.float32) @ pick(self.lora_b.get_value()).astype(jnp.float32)
+            w = w + (self.lora_scale * gate) * delta
+        return w.astype(dtype)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.einsum("...d,df->...f", x, self.kernel[...].astype(self.dtype))
+        y = jnp.einsum("...d,df->...f", x, self.dense_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            h = x
+            if rng is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            delta = jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", h, a), b)
+            scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
+            y = y + delta * jnp.asarray(scale, self.dtype)
         return y
 
 

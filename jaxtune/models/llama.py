@@ -154,8 +154,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, rngs: tuple | None = None) -> jax.Array:
+        r = rngs or (None,) * 3
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])
 
 
 class Block(nnx.Module):
@@ -166,8 +167,8 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl):
-        """One decoder layer.
+    def __call__(self, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, rng=None):
+        """One decoder layer. `rng` (a key, or None) drives LoRA dropout.
 
         `kv` is None (no cache) or (k_all, v_all, layer, write_index, kv_positions, kv_segment_ids)
         with the whole stacked cache [L, B, S, K, H]: this layer's new K/V are written in place at
@@ -175,10 +176,11 @@ class Block(nnx.Module):
         """
         attn = self.self_attn
         b, t, _ = x.shape
+        r = (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
         h = self.input_layernorm(x)
-        q = attn.q_proj(h).reshape(b, t, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(h).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(h).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        q = attn.q_proj(h, r[0]).reshape(b, t, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(h, r[1]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(h, r[2]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
@@ -200,8 +202,8 @@ class Block(nnx.Module):
             sliding_window=window,
             implementation=attn_impl,
         )
-        x = x + attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim))
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim), r[3])
+        x = x + self.mlp(self.post_attention_layernorm(x), r[4:])
         return (x, None, None) if kv is None else (x, k_cache, v_cache)
 
 
@@ -255,19 +257,20 @@ class CausalLM(nnx.Module):
         )
 
     # -- public API ---------------------------------------------------------------------------
-    def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+    def __call__(self, input_ids, segment_ids=None, positions=None, *, rng=None) -> jax.Array:
         """Logits [B, T, vocab] for token ids [B, T]; see `hidden_states` for the arguments."""
-        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions, rng=rng))
 
-    def hidden_states(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+    def hidden_states(self, input_ids, segment_ids=None, positions=None, *, rng=None) -> jax.Array:
         """Final-normed hidden states [B, T, D].
 
         `segment_ids` [B, T] (int, 0 = padding) keep packed samples apart; default: one segment.
-        `positions` [B, T] default to restarting at 0 for each segment.
+        `positions` [B, T] default to restarting at 0 for each segment. `rng` (training only)
+        drives LoRA dropout; None means no dropout.
         """
         segment_ids = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids
         positions = positions_from_segments(segment_ids) if positions is None else positions
-        x, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None)
+        x, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -285,7 +288,7 @@ class CausalLM(nnx.Module):
         return self.norm(x), cache
 
     # -- internals ----------------------------------------------------------------------------
-    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None):
+    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None, rng=None):
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
         cos, sin = rope_lib.cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -295,14 +298,16 @@ class CausalLM(nnx.Module):
         common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
 
         if cache is None:
+            keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
+
             def body(x, xs):
-                state, window = xs
+                state, window, key = xs
                 block = nnx.merge(graphdef, state)
-                x, _, _ = block(x, window=window if use_window else None, kv=None, **common)
+                x, _, _ = block(x, window=window if use_window else None, kv=None, rng=key, **common)
                 return x, None
 
             body = self._maybe_remat(body)
-            x, _ = jax.lax.scan(body, x, (layer_state, windows))
+            x, _ = jax.lax.scan(body, x, (layer_state, windows, keys))
             return x, None
 
         index = cache.index

@@ -1,26 +1,282 @@
 """LoRA with PEFT's math: W' = W + s * B @ A, s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
-`merge_peft_adapter` folds a PEFT adapter directory (adapter_config.json +
-adapter_model.safetensors, as written by `peft` or by jaxtune) into a model's weights, used by
-`jaxtune generate --adapter` and by exports of merged models.
+Adapters are a parameter type (`nnx.LoRAParam`) on the layers' `Linear` modules, stacked over
+layers like the kernels they adapt: `lora_a` [layers, in, r] and `lora_b` [layers, r, out] (PEFT
+stores A as [r, in] and B as [out, r]; the export transposes). A is initialised as PEFT does
+(kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B as zeros. Which layers are
+adapted (`peft_layers_to_transform`, or a regex `target_modules`) is a 0/1 `lora_gate` per layer:
+an ungated layer's adapter contributes nothing, gets zero gradients and is not exported.
+
+What trains is chosen by type: `trainable_filter(spec)` is `nnx.LoRAParam` (plus the embedding /
+LM head for `modules_to_save`).
+
+- `add_lora(model, spec, key)`: put fresh adapters on the model (in place).
+- `load_adapter(model, adapter_dir)`: put a PEFT adapter's weights on the model as trainable
+  adapters (`lora_model_dir`: continue training it).
+- `save_adapter(model, spec, out_dir)`: write a PEFT adapter directory.
+- `merge_peft_adapter(model, adapter_dir)`: fold a PEFT adapter into the weights (used by
+  `jaxtune generate --adapter`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from jaxtune.checkpoint.io import read_json_file
-from jaxtune.errors import ModelLoadError
+from jaxtune.checkpoint.io import TensorToWrite, atomic_directory, read_json_file, write_safetensors
+from jaxtune.errors import JaxtuneError, ModelLoadError
 from jaxtune.models import family_for
+from jaxtune.models.layers import Linear
+
+# The layers' linear projections by PEFT module name, and where they live in a layer.
+LINEAR_PATHS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What adapters a model carries. `targets` is a list of module names or one regex (PEFT's rule:
+    the regex must match the full module path, e.g. `model.layers.3.self_attn.q_proj`)."""
+
+    r: int
+    alpha: float
+    targets: tuple[str, ...] | str
+    dropout: float = 0.0
+    use_rslora: bool = False
+    layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @classmethod
+    def from_config(cls, cfg) -> LoraSpec:
+        if cfg.lora_target_linear:
+            targets: tuple[str, ...] | str = tuple(LINEAR_PATHS)
+            if cfg.lora_target_modules:
+                extra = [cfg.lora_target_modules] if isinstance(cfg.lora_target_modules, str) else cfg.lora_target_modules
+                targets = tuple(dict.fromkeys(list(targets) + [m for m in extra if m in LINEAR_PATHS]))
+        elif isinstance(cfg.lora_target_modules, str):
+            targets = cfg.lora_target_modules
+        else:
+            targets = tuple(cfg.lora_target_modules or ())
+        layers = cfg.peft_layers_to_transform
+        layers = (layers,) if isinstance(layers, int) else (tuple(layers) if layers is not None else None)
+        return cls(r=cfg.lora_r, alpha=float(cfg.lora_alpha), targets=targets, dropout=cfg.lora_dropout,
+                   use_rslora=cfg.peft_use_rslora, layers=layers,
+                   modules_to_save=tuple(cfg.lora_modules_to_save or ()))
+
+    @classmethod
+    def from_adapter_config(cls, config: dict, dropout: float | None = None) -> LoraSpec:
+        targets = config.get("target_modules") or ()
+        layers = config.get("layers_to_transform")
+        return cls(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                   targets=targets if isinstance(targets, str) else tuple(targets),
+                   dropout=float(config.get("lora_dropout") or 0.0) if dropout is None else dropout,
+                   use_rslora=bool(config.get("use_rslora")),
+                   layers=(layers,) if isinstance(layers, int) else (tuple(layers) if layers else None),
+                   modules_to_save=tuple(config.get("modules_to_save") or ()))
+
+    def layer_gates(self, name: str, num_layers: int) -> np.ndarray:
+        """1.0 for the layers whose `name` projection is adapted, else 0.0."""
+        gates = np.zeros(num_layers, np.float32)
+        for i in range(num_layers):
+            if self.layers is not None and i not in self.layers:
+                continue
+            if isinstance(self.targets, str):
+                hit = re.fullmatch(self.targets, f"model.layers.{i}.{LINEAR_PATHS[name]}.{name}") is not None
+            else:
+                hit = name in self.targets
+            gates[i] = float(hit)
+        return gates
+
+    def adapter_config(self, base_model: str | None) -> dict:
+        """PEFT's adapter_config.json for this spec."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+            "target_modules": self.targets if isinstance(self.targets, str) else sorted(self.targets),
+            "layers_to_transform": list(self.layers) if self.layers is not None else None,
+            "modules_to_save": list(self.modules_to_save) or None, "bias": "none", "fan_in_fan_out": False,
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+
+def layer_linears(model) -> dict[str, Linear]:
+    """The stacked layers' projections by PEFT name (q_proj ... down_proj)."""
+    return {name: getattr(getattr(model.layers, parent), name) for name, parent in LINEAR_PATHS.items()}
+
+
+def add_lora(model, spec: LoraSpec, key: jax.Array):
+    """Give each targeted projection fresh adapters (A as PEFT initialises it, B = 0), in place."""
+    num_layers = model.cfg.num_layers
+    adapted = 0
+    for i, (name, linear) in enumerate(layer_linears(model).items()):
+        gates = spec.layer_gates(name, num_layers)
+        if not gates.any():
+            continue
+        adapted += 1
+        axes = linear.kernel.get_metadata().get("out_sharding") or ("layers", None, None)
+        bound = 1.0 / math.sqrt(linear.in_features)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (num_layers, linear.in_features, spec.r), jnp.float32,
+                               -bound, bound)
+        b = jnp.zeros((num_layers, spec.r, linear.out_features), jnp.float32)
+        _attach(linear, spec, a, b, gates, axes)
+    if not adapted:
+        raise JaxtuneError(f"lora target modules {spec.targets!r} match none of the model's projections "
+                           f"({', '.join(LINEAR_PATHS)})")
+    return model
+
+
+def _attach(linear: Linear, spec: LoraSpec, a, b, gates: np.ndarray, axes) -> None:
+    linear.lora_a = nnx.LoRAParam(a, sharding_names=(axes[0], axes[1], None), eager_sharding=False)
+    linear.lora_b = nnx.LoRAParam(b, sharding_names=(axes[0], None, axes[2]), eager_sharding=False)
+    linear.lora_gate = None if gates.all() else nnx.Variable(jnp.asarray(gates))
+    linear.lora_scale = spec.scale
+    linear.lora_dropout = spec.dropout
+
+
+def modules_to_save_filter(model, spec: LoraSpec):
+    """Filter for the fully trained modules; on a tied model embed_tokens and lm_head are one."""
+    names = set(spec.modules_to_save)
+    if model.lm_head is None and names:
+        names = {"embed_tokens"}
+    return [nnx.PathContains(n) for n in sorted(names)]
+
+
+def trainable_filter(model, spec: LoraSpec | None):
+    """What trains: every parameter (full fine-tuning) or the adapters and modules_to_save."""
+    if spec is None:
+        return nnx.Param
+    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, f) for f in modules_to_save_filter(model, spec)])
+
+
+def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
+    """The adapter as PEFT names it: lora_A [r, in], lora_B [out, r] per adapted layer, and whole
+    modules_to_save weights."""
+    prefix = "base_model.model."
+    tensors = []
+    for name, linear in layer_linears(model).items():
+        if linear.lora_a is None:
+            continue
+        gates = np.ones(model.cfg.num_layers) if linear.lora_gate is None else np.asarray(linear.lora_gate[...])
+        for layer in np.flatnonzero(gates):
+            base = f"{prefix}model.layers.{layer}.{LINEAR_PATHS[name]}.{name}"
+            for kind, var in (("lora_A", linear.lora_a), ("lora_B", linear.lora_b)):
+                value = var.get_value()
+                shape = value.shape[1:][::-1]
+                tensors.append(TensorToWrite(f"{base}.{kind}.weight", tuple(shape), np.dtype(np.float32),
+                                             lambda v=value, i=int(layer): np.asarray(v[i], np.float32).T))
+    for module in modules_to_save_names(model, spec):
+        holder = model.embed_tokens if module == "embed_tokens" else model.lm_head
+        var = holder.embedding if module == "embed_tokens" else holder.kernel
+        value = var.get_value()
+        hf_name = f"{prefix}model.embed_tokens.weight" if module == "embed_tokens" else f"{prefix}lm_head.weight"
+        shape = value.shape if module == "embed_tokens" else value.shape[::-1]
+        transpose = module == "lm_head"
+        tensors.append(TensorToWrite(hf_name, tuple(shape), np.dtype(value.dtype),
+                                     lambda v=value, t=transpose: np.asarray(v).T if t else np.asarray(v)))
+    return tensors
+
+
+def modules_to_save_names(model, spec: LoraSpec) -> list[str]:
+    names = sorted(set(spec.modules_to_save))
+    return ["embed_tokens"] if model.lm_head is None and names else names
+
+
+def save_adapter(model, spec: LoraSpec, out_dir: str | os.PathLike, *, base_model: str | None = None) -> Path:
+    """Write `out_dir` as a PEFT adapter directory (atomically)."""
+    config = spec.adapter_config(base_model)
+    if model.lm_head is None and spec.modules_to_save:
+        config["modules_to_save"] = ["embed_tokens"]
+        config["ensure_weight_tying"] = True
+    with atomic_directory(out_dir) as tmp:
+        tensors = adapter_tensors(model, spec)
+        arrays = {t.name: np.ascontiguousarray(t.produce()) for t in tensors}
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = None) -> LoraSpec:
+    """Attach a PEFT adapter's weights to `model` as trainable adapters; returns its spec."""
+    config = read_adapter_config(adapter_dir)
+    spec = LoraSpec.from_adapter_config(config, dropout)
+    weights = _read_adapter_weights(adapter_dir)
+    num_layers = model.cfg.num_layers
+    pairs, whole = _split_adapter_weights(weights)
+    for name, linear in layer_linears(model).items():
+        gates = np.zeros(num_layers, np.float32)
+        a = np.zeros((num_layers, linear.in_features, spec.r), np.float32)
+        b = np.zeros((num_layers, spec.r, linear.out_features), np.float32)
+        for layer in range(num_layers):
+            parts = pairs.pop(f"model.layers.{layer}.{LINEAR_PATHS[name]}.{name}", None)
+            if parts is None:
+                continue
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise ModelLoadError(f"{adapter_dir}: layer {layer} {name} has only {', '.join(parts)}")
+            if parts["lora_A"].shape != (spec.r, linear.in_features) or parts["lora_B"].shape != (
+                    linear.out_features, spec.r):
+                raise ModelLoadError(f"{adapter_dir}: layer {layer} {name} adapter shapes {parts['lora_A'].shape} "
+                                     f"/ {parts['lora_B'].shape} do not fit r={spec.r} and the model")
+            a[layer], b[layer], gates[layer] = parts["lora_A"].T, parts["lora_B"].T, 1.0
+        if gates.any():
+            axes = linear.kernel.get_metadata().get("out_sharding") or ("layers", None, None)
+            _attach(linear, spec, jnp.asarray(a), jnp.asarray(b), gates, axes)
+    if pairs:
+        raise ModelLoadError(f"{adapter_dir}: adapter modules {', '.join(sorted(pairs)[:3])} match no projection "
+                             "of the layers")
+    for name, value in whole.items():
+        var = model.embed_tokens.embedding if name == "model.embed_tokens.weight" else (
+            model.lm_head.kernel if name == "lm_head.weight" and model.lm_head is not None else None)
+        if var is None:
+            raise ModelLoadError(f"{adapter_dir}: tensor {name} matches no module of the model")
+        new = value if name.startswith("model.embed") else value.T
+        if new.shape != var.get_value().shape:
+            raise ModelLoadError(f"{adapter_dir}: {name} has shape {value.shape}, the model's differs")
+        var.set_value(jnp.asarray(new, var.get_value().dtype))
+    return spec
+
+
+def _read_adapter_weights(adapter_dir) -> dict[str, np.ndarray]:
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights_path.exists():
+        raise ModelLoadError(f"no {ADAPTER_WEIGHTS} in {adapter_dir} (looked for {weights_path})")
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{weights_path} is not a valid safetensors file ({e})") from None
+
+
+def _split_adapter_weights(weights: dict[str, np.ndarray]):
+    """({module: {lora_A/lora_B: array}}, {whole tensor name: array}) with PEFT's prefixes removed."""
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    whole: dict[str, np.ndarray] = {}
+    for key, value in weights.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        m = _LORA_KEY.match(name)
+        if m:
+            kind = m.group("kind").replace("lora_embedding_", "lora_")
+            pairs.setdefault(m.group("module"), {})[kind] = value.astype(np.float32)
+        else:
+            whole[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = value
+    return pairs, whole
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.weight)?$")
@@ -51,13 +307,7 @@ def lora_scale(config: dict) -> float:
 def merge_peft_adapter(model, adapter_dir: str | os.PathLike):
     """Add the adapter's B @ A (scaled) to the matching kernels of `model`, in place; returns model."""
     config = read_adapter_config(adapter_dir)
-    weights_path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights_path.exists():
-        raise ModelLoadError(f"no adapter_model.safetensors in {adapter_dir} (looked for {weights_path})")
-    try:
-        weights = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{weights_path} is not a valid safetensors file ({e})") from None
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     scale = lora_scale(config)
     cfg = model.cfg
     family = family_for(cfg.architecture)
@@ -68,23 +318,15 @@ def merge_peft_adapter(model, adapter_dir: str | os.PathLike):
         for layer in range(cfg.num_layers) if ppath[0] == "layers" else [None]:
             by_hf_name[family.hf_tensor_name(ppath, layer)] = (ppath, layer)
 
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in weights.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        m = _LORA_KEY.match(name)
-        if m:
-            pairs.setdefault(m.group("module"), {})[m.group("kind")] = value.astype(np.float32)
-            continue
-        name = name.replace(".modules_to_save.default", "")
+    pairs, whole = _split_adapter_weights(_read_adapter_weights(adapter_dir))
+    for name, value in whole.items():
         if name not in by_hf_name:
-            raise ModelLoadError(f"{weights_path}: tensor {key} matches no parameter of the model")
+            raise ModelLoadError(f"{weights_path}: tensor {name} matches no parameter of the model")
         _replace(flat, by_hf_name[name], value)
     for module, parts in pairs.items():
-        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-        if a_key not in parts or b_key not in parts:
-            raise ModelLoadError(f"{weights_path}: {module} has only one of {a_key}/{b_key}")
-        a, b = parts[a_key], parts[b_key]
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise ModelLoadError(f"{weights_path}: {module} has only one of lora_A/lora_B")
+        a, b = parts["lora_A"], parts["lora_B"]
         target = f"{module}.weight"
         if target not in by_hf_name:
             raise ModelLoadError(f"{weights_path}: LoRA module {module} matches no parameter of the model")

@@ -1,0 +1,105 @@
+"""From a config to the model that trains: precision, base weights (NF4 for QLoRA), adapters.
+
+    model, spec, precision = build_model(cfg, tokenizer)
+
+`spec` is the LoRA spec (None for full fine-tuning); what trains is `lora.trainable_filter(model,
+spec)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import bundled
+from jaxtune.checkpoint.hf import load_model
+from jaxtune.errors import JaxtuneError
+from jaxtune.logging import info, warn_once
+from jaxtune.peft import lora
+
+_BACKENDS = ("xla",)  # what kernels/attention.py implements in this release
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    compute: str  # dtype of activations and matmuls
+    frozen: str  # storage dtype of frozen base weights
+    trainable: str  # storage dtype of trained parameters (master weights)
+
+
+def resolve_precision(cfg) -> Precision:
+    platform = jax.default_backend()
+    if cfg.fp16 or cfg.float16:
+        warn_once("fp16/float16 are mapped to bf16: JAX trains in bfloat16 (same range as fp32, no loss scaling)")
+    full = cfg.bf16 == "full" or bool(cfg.bfloat16) or bool(cfg.float16)
+    if cfg.bf16 == "auto" and not (cfg.fp16 or full):
+        use_bf16 = platform in ("gpu", "tpu", "cuda", "rocm")
+        info(f"bf16: auto -> {'bf16' if use_bf16 else 'fp32'} on {platform}")
+    else:
+        use_bf16 = bool(cfg.bf16) or bool(cfg.fp16) or full
+    if not use_bf16:
+        return Precision("float32", "float32", "float32")
+    return Precision("bfloat16", "bfloat16", "bfloat16" if full else "float32")
+
+
+def resolve_attention(cfg) -> str:
+    requested = cfg.attn_implementation
+    if requested in _BACKENDS:
+        return requested
+    if requested not in ("auto", "eager", "sdpa"):
+        info(f"attn_implementation: {requested} runs as jaxtune's 'xla' attention in this release")
+    return "xla"
+
+
+def resolve_remat(cfg) -> str:
+    value = cfg.gradient_checkpointing
+    if value is True:
+        return "full"
+    return value or "none"
+
+
+def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None):
+    """(model, LoRA spec or None, Precision) for a config."""
+    if not cfg.base_model:
+        raise JaxtuneError("base_model is not set")
+    path = bundled.resolve(cfg.base_model)
+    precision = resolve_precision(cfg)
+    place = None
+    if cfg.adapter == "qlora":
+        from jaxtune.peft.qlora import quantizing_place
+
+        place = quantizing_place(None, double_quant=cfg.bnb_4bit_use_double_quant)
+    # Frozen weights are stored in the compute dtype; trained ones in the trainable dtype.
+    param_dtype = precision.frozen if cfg.adapter else precision.trainable
+    compute = cfg.bnb_4bit_compute_dtype if cfg.adapter == "qlora" and cfg.bnb_4bit_compute_dtype else precision.compute
+    model = load_model(path, dtype=compute, param_dtype=param_dtype, attn_implementation=resolve_attention(cfg),
+                       remat=resolve_remat(cfg), place=place)
+    if cfg.adapter == "qlora":
+        from jaxtune.peft.qlora import mark_quantized
+
+        mark_quantized(model)
+    if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
+        raise JaxtuneError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                           f"{model.cfg.vocab_size}: growing the embeddings (tokens / special_tokens that are new) "
+                           "is not supported in this release")
+    spec = None
+    if cfg.adapter:
+        key = jax.random.key(cfg.seed) if key is None else key
+        if cfg.lora_model_dir:
+            spec = lora.load_adapter(model, bundled.resolve(cfg.lora_model_dir), dropout=cfg.lora_dropout)
+            info(f"continuing the adapter in {cfg.lora_model_dir} (r={spec.r}, alpha={spec.alpha:g})")
+        else:
+            spec = lora.LoraSpec.from_config(cfg)
+            lora.add_lora(model, spec, key)
+        if spec.modules_to_save:
+            _float_modules(model, spec, precision)
+    return model, spec, precision
+
+
+def _float_modules(model, spec, precision: Precision) -> None:
+    """modules_to_save train: store them in the trainable dtype."""
+    for name in lora.modules_to_save_names(model, spec):
+        var = model.embed_tokens.embedding if name == "embed_tokens" else model.lm_head.kernel
+        var.set_value(var.get_value().astype(jnp.dtype(precision.trainable)))

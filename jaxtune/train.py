@@ -1,0 +1,132 @@
+"""`python -m jaxtune.train --config x.yml [key=value ...]` (also `jaxtune train`).
+
+    output_dir/
+      config.resolved.yml   the config after defaults and aliases (written first)
+      metrics.jsonl         step records (loss, lr, grad_norm, tokens_per_sec, epoch) and eval records
+      events/               TensorBoard, with use_tensorboard: true
+      checkpoints/<step>/   orbax checkpoints; the same command resumes from the newest
+      hf/                   the final model, LoRA merged (transformers loads it)
+      adapter/              the PEFT adapter (with adapter: lora / qlora)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxtune.config import Config, dump_config, load_config
+from jaxtune.logging import info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def export(model, spec, tokenizer, output_dir: Path, *, base_model: str | None) -> dict[str, Path]:
+    """Write hf/ (merged) and, with an adapter, adapter/ (PEFT) into output_dir."""
+    from jaxtune.checkpoint.hf import save_pretrained
+    from jaxtune.peft.lora import save_adapter
+
+    written = {"hf": save_pretrained(model, output_dir / "hf", tokenizer=tokenizer)}
+    if spec is not None:
+        written["adapter"] = save_adapter(model, spec, output_dir / "adapter", base_model=base_model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(written["adapter"]))
+    return written
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: object  # the trained model (adapters attached, not merged)
+    spec: object  # its LoRA spec, or None (full fine-tuning)
+    tokenizer: object
+    last: dict  # the last step record (with eval_loss when evaluated at the end)
+    exports: dict  # "hf" / "adapter" -> directory
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train a config end to end: prepare data, build the model, train (resuming), export."""
+    import jax
+    from flax import nnx
+
+    from jaxtune import bundled
+    from jaxtune.build import build_model
+    from jaxtune.data.prepare import prepare
+    from jaxtune.logging import MetricsWriter
+    from jaxtune.objectives import objective_for
+    from jaxtune.peft.lora import trainable_filter
+    from jaxtune.trainer import Trainer
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
+    data = prepare(cfg)
+    objective = objective_for(data.kind)
+    model, spec, precision = build_model(cfg, data.tokenizer)
+    trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trainable_filter(model, spec),
+                      output_dir=output_dir)
+    plan = trainer.plan
+    trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
+    total = trained + sum(x.size for x in jax.tree.leaves(trainer.frozen))
+    info(f"training {trained:,} of {total:,} parameters ({'full' if spec is None else cfg.adapter}); compute "
+         f"{precision.compute}; global batch {cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} "
+         f"accumulation x {jax.process_count()} host(s) = "
+         f"{cfg.micro_batch_size * cfg.gradient_accumulation_steps * jax.process_count()} rows of up to "
+         f"{cfg.sequence_len} tokens; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")
+    resume = _resume_point(cfg, trainer)
+    if resume is not None:
+        trainer.restore(*resume)
+    wandb = {k: v for k, v in {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": cfg.wandb_name,
+                              "id": cfg.wandb_run_id, "mode": cfg.wandb_mode}.items() if v is not None}
+    metrics = MetricsWriter(output_dir, resume_step=trainer.step, tensorboard=cfg.use_tensorboard,
+                            wandb_config=wandb, run_config=cfg.model_dump(mode="json"))
+    try:
+        last = trainer.train(metrics)
+    finally:
+        metrics.close()
+        trainer.close()
+    nnx.update(model, trainer.trainable)
+    written = export(model, spec, data.tokenizer, output_dir, base_model=str(bundled.resolve(cfg.base_model)))
+    info("exported " + ", ".join(str(p) for p in written.values()))
+    return TrainResult(model, spec, data.tokenizer, last, written)
+
+
+def _resume_point(cfg: Config, trainer):
+    from jaxtune.checkpoint.resume import resolve_resume
+
+    return resolve_resume(cfg.resume_from_checkpoint, trainer.checkpoints)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxtune.train", description="Fine-tune a model from a config")
+    parser.add_argument("--config", required=True, help="YAML config (Axolotl keys)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jaxtune.errors import JaxtuneError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        cfg = load_config(args.config, list(args.overrides) + extra)
+        run(cfg)
+    except JaxtuneError as e:
+        print(f"jaxtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

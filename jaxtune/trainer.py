@@ -1,0 +1,270 @@
+"""The training loop: objective-agnostic step, gradient accumulation, eval, checkpoints, logging.
+
+The step is one pure function of (trainable params, frozen params, optimizer state, batch, rng,
+step) jitted once. A batch holds `gradient_accumulation_steps` micro-batches stacked on a leading
+axis; a `lax.scan` runs them, summing each micro-batch's loss *sum* and gradient of that sum, and
+the objective's unit count (`weight`: trained tokens for SFT). After the scan everything is divided
+by the total weight once, so the loss is normalized by the trained tokens of the whole accumulated
+batch (accumulating 4 x 1 is the same step as one batch of 4).
+
+Steps per epoch = ceil(batches per epoch / accumulation); the last step of an epoch may hold fewer
+real micro-batches (the rest are all-padding, weight 0). `max_steps` overrides the epoch count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
+from jaxtune.data.loader import BatchLoader
+from jaxtune.data.packing import pad_batch
+from jaxtune.errors import JaxtuneError
+from jaxtune.logging import MetricsWriter, Progress, info
+from jaxtune.optim import build_optimizer
+
+
+class TrainingError(JaxtuneError):
+    """Training cannot go on (non-finite loss, ...); the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How many steps, and when to evaluate and save."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int | None  # steps; None: never (besides the end)
+    save_every: int | None
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def _interval(every: float | None, per_epoch: int | None, strategy: str | None, steps_per_epoch: int,
+              total: int) -> int | None:
+    if strategy == "no":
+        return None
+    if every is not None and strategy != "epoch":
+        return max(1, round(every * total)) if every < 1 else int(every)
+    if per_epoch is not None and strategy != "epoch":
+        return max(1, steps_per_epoch // per_epoch)
+    return steps_per_epoch
+
+
+def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
+    total = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    eval_every = _interval(cfg.eval_steps, cfg.evals_per_epoch, cfg.eval_strategy, steps_per_epoch, total) \
+        if has_eval else None
+    save_every = _interval(cfg.save_steps, cfg.saves_per_epoch, cfg.save_strategy, steps_per_epoch, total)
+    return Plan(batches_per_epoch, steps_per_epoch, total, eval_every, save_every)
+
+
+def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool):
+    """The jitted step: (trainable, frozen, opt_state, batch [A, B, L], rng, step) -> (trainable,
+    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1)."""
+
+    def micro_loss(trainable, frozen, micro, key):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return objective.loss(model, micro, key if use_rng else None)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(trainable, frozen, opt_state, batch, rng, step_index):
+        step_fn.traces += 1
+        micro_batches = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(jax.random.fold_in(rng, step_index), micro_batches)
+        first = jax.tree.map(lambda x: x[0], batch)
+        _, metric_shapes = jax.eval_shape(micro_loss, trainable, frozen, first, keys[0])
+        zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+
+        def body(carry, xs):
+            grads, loss, metrics = carry
+            micro, key = xs
+            (micro_loss_sum, micro_metrics), micro_grads = grad_fn(trainable, frozen, micro, key)
+            return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss_sum,
+                    jax.tree.map(jnp.add, metrics, micro_metrics)), None
+
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (batch, keys))
+        weight = jnp.maximum(metrics["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        out = {k: (v if k == "weight" else v / weight) for k, v in metrics.items()}
+        out.update(loss=loss / weight, grad_norm=grad_norm, lr=schedule(step_index))
+        return trainable, opt_state, out
+
+    step_fn = jax.jit(step, donate_argnums=(0, 2))
+    step_fn.traces = 0
+    return step_fn
+
+
+def make_eval_step(graphdef, objective):
+    def step(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        loss, metrics = objective.loss(model, batch, None)
+        return loss, metrics["weight"]
+
+    return jax.jit(step)
+
+
+def stack_micro_batches(group: list[dict], accum: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[A, B, L] from up to A micro-batches (padded to the longest; missing ones all padding)."""
+    length = max(b["input_ids"].shape[1] for b in group)
+    rows = group[0]["input_ids"].shape[0]
+    padded = []
+    for b in group:
+        extra = length - b["input_ids"].shape[1]
+        if extra:
+            b = {k: np.pad(v, ((0, 0), (0, extra)), constant_values={"input_ids": pad_id, "labels": -100}.get(k, 0))
+                 for k, v in b.items()}
+        padded.append(b)
+    while len(padded) < accum:
+        padded.append(pad_batch([None] * rows, length, pad_id))
+    return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
+
+
+class Trainer:
+    """Runs one config's training from prepared data and a built model; see `jaxtune.train.run`."""
+
+    def __init__(self, cfg, model, spec, objective, data, *, trainable_filter, output_dir: Path):
+        self.cfg, self.model, self.spec, self.objective, self.data = cfg, model, spec, objective, data
+        self.output_dir = output_dir
+        self.accum = cfg.gradient_accumulation_steps
+        self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
+        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                                  pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=cfg.pad_to_sequence_len,
+                                  shuffle=True, seed=cfg.seed)
+        self.eval_loader = None
+        if data.eval is not None and len(data.eval):
+            self.eval_loader = BatchLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                                           sequence_len=cfg.sequence_len, pad_id=self.pad_id, packed=data.eval_packed,
+                                           pad_to_sequence_len=cfg.pad_to_sequence_len, shuffle=False)
+        self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
+        self.graphdef, self.trainable, self.frozen = nnx.split(model, trainable_filter, ...)
+        self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps)
+        self.opt_state = self.optimizer.init(self.trainable)
+        self.rng = jax.random.key(cfg.seed)
+        use_rng = spec is not None and spec.dropout > 0
+        self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng)
+        self.eval_step = make_eval_step(self.graphdef, objective)
+        self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
+        self.step = 0
+        self.position = {"loader": None, "batch_in_epoch": 0}
+
+    # -- state ------------------------------------------------------------------------------
+    def _state_tree(self) -> dict:
+        return {"params": nnx.to_pure_dict(self.trainable), "opt_state": jax.tree.leaves(self.opt_state),
+                "rng": jax.random.key_data(self.rng)}
+
+    def save(self) -> None:
+        meta = {"step": self.step, **self.position, "config": self.cfg.model_dump(mode="json")}
+        self.checkpoints.save(self.step, self._state_tree(), meta)
+
+    def restore(self, source: Checkpoints, step: int) -> None:
+        state, meta = source.restore(step, self._state_tree())
+        nnx.replace_by_pure_dict(self.trainable, state["params"])
+        treedef = jax.tree.structure(self.opt_state)
+        self.opt_state = jax.tree.unflatten(treedef, state["opt_state"])
+        self.rng = jax.random.wrap_key_data(state["rng"])
+        self.step = int(meta["step"])
+        self.position = {"loader": meta["loader"], "batch_in_epoch": int(meta["batch_in_epoch"])}
+        info(f"resumed from {source.directory / str(step)} at step {self.step}")
+
+    # -- loop -------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        total, weight = 0.0, 0.0
+        for batch in self.eval_loader.iterate(num_epochs=1):
+            loss, w = self.eval_step(self.trainable, self.frozen, batch)
+            total += float(loss)
+            weight += float(w)
+        return total / max(weight, 1.0)
+
+    def train(self, metrics: MetricsWriter) -> dict:
+        """Run until total_steps; returns the last record. Ctrl-C saves a checkpoint and re-raises."""
+        plan = self.plan
+        if self.step >= plan.total_steps:
+            info(f"training already finished at step {self.step}")
+            return {}
+        progress = Progress(plan.total_steps, self.step, self.cfg.logging_steps)
+        epochs = None if self.cfg.max_steps else self.cfg.num_epochs
+        batches = self.loader.iterate(num_epochs=epochs, state=self.position["loader"])
+        in_epoch = self.position["batch_in_epoch"]
+        last, saved_step = {}, self.checkpoints.latest()
+        interrupted = False
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            while self.step < plan.total_steps:
+                group = []
+                started = time.perf_counter()
+                while len(group) < self.accum:
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    group.append(batch)
+                    in_epoch += 1
+                    if in_epoch == plan.batches_per_epoch:
+                        in_epoch = 0
+                        break
+                if not group:
+                    break
+                stacked = stack_micro_batches(group, self.accum, self.pad_id)
+                tokens = int((stacked["segment_ids"] > 0).sum())
+                self.trainable, self.opt_state, out = self.train_step(
+                    self.trainable, self.frozen, self.opt_state, stacked, self.rng, jnp.int32(self.step))
+                record = {k: float(v) for k, v in jax.device_get(out).items()}
+                self.step += 1
+                if not math.isfinite(record["loss"]):
+                    raise TrainingError(
+                        f"loss is {record['loss']} at step {self.step}; stopping. The last good checkpoint is "
+                        + (str(self.checkpoints.directory / str(saved_step)) if saved_step is not None else "none")
+                        + " (lower learning_rate or check the data of this step)")
+                self.position = {"loader": self.loader.state(), "batch_in_epoch": in_epoch}
+                elapsed = time.perf_counter() - started
+                record = {"step": self.step, "loss": record["loss"], "lr": record["lr"],
+                          "grad_norm": record["grad_norm"], "tokens_per_sec": tokens / max(elapsed, 1e-9),
+                          "epoch": round(self.step / plan.steps_per_epoch, 4), "trained_tokens": int(record["weight"]),
+                          **{k: v for k, v in record.items() if k not in ("loss", "lr", "grad_norm", "weight")}}
+                if self.step % self.cfg.logging_steps == 0 or self.step == plan.total_steps:
+                    metrics.write(record)
+                progress.update(self.step, record)
+                last = record
+                final = self.step == plan.total_steps
+                if plan.eval_every and (self.step % plan.eval_every == 0 or final):
+                    eval_loss = self.evaluate()
+                    metrics.write({"step": self.step, "eval_loss": eval_loss, "epoch": record["epoch"]})
+                    progress.message(f"step {self.step}: eval_loss {eval_loss:.4f}")
+                    last = {**last, "eval_loss": eval_loss}
+                if plan.save_every and (self.step % plan.save_every == 0 or final):
+                    self.save()
+                    saved_step = self.step
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            progress.close()
+        if interrupted:
+            if self.step and saved_step != self.step and self.cfg.save_strategy != "no":
+                self.save()
+                info(f"interrupted: saved checkpoint {self.checkpoints.directory / str(self.step)}; run the same "
+                     "command again to resume")
+            raise KeyboardInterrupt
+        return last
+
+    def close(self) -> None:
+        self.checkpoints.close()

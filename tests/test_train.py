@@ -1,0 +1,209 @@
+"""`jaxtune.train` end to end on a tiny model: resume equals an uninterrupted run, exports load in
+transformers and PEFT with the same logits, QLoRA trains, failures are clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import save_tiny
+from safetensors.numpy import load_file
+
+from jaxtune.config import ConfigError, build_config
+from jaxtune.errors import JaxtuneError
+
+DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with SmolLM2's tokenizer and vocabulary (so real chat data trains it)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    out = save_tiny(tmp_path_factory.mktemp("tiny_chat"), cfg, "tiny")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (smollm2_dir / f).exists():
+            shutil.copy(smollm2_dir / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(DATA.read_text().splitlines(keepends=True)[:120]))
+    return path
+
+
+def _cfg(tmp_path, model_dir, data, **keys):
+    base = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(data), "type": "chat_template"}],
+        "val_set_size": 8, "sequence_len": 256, "sample_packing": True, "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+        "warmup_steps": 1, "adapter": "lora", "lora_target_linear": True, "lora_r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.1, "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path.parent / "prep"),
+        "save_steps": 3, "eval_steps": 2, "logging_steps": 1,
+    }
+    base.update(keys)
+    return build_config({k: v for k, v in base.items() if v is not None})
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_chat_dir, small_data, monkeypatch):
+    """Ctrl-C at step 3 saves a checkpoint; the same command resumes and ends exactly where an
+    uninterrupted run ends (losses, eval losses, adapter weights), LoRA dropout RNG included."""
+    from jaxtune import train, trainer
+
+    straight = train.run(_cfg(tmp_path / "a", tiny_chat_dir, small_data))
+    out_a = Path(straight.exports["hf"]).parent
+
+    cfg_b = _cfg(tmp_path / "b", tiny_chat_dir, small_data)
+    real_stack, calls = trainer.stack_micro_batches, {"n": 0}
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_stack(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "stack_micro_batches", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg_b)
+    out_b = Path(cfg_b.output_dir)
+    assert (out_b / "checkpoints" / "2").is_dir() and not (out_b / "hf").exists()
+    monkeypatch.setattr(trainer, "stack_micro_batches", real_stack)
+    resumed = train.run(cfg_b)
+
+    a, b = _records(out_a), _records(out_b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "eval_loss", "grad_norm", "lr"):
+            if key in ra:
+                np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, atol=1e-7, err_msg=f"{key} step {ra['step']}")
+    wa = load_file(str(out_a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(out_b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], atol=1e-6, err_msg=k)
+    assert resumed.last["step"] == straight.last["step"] == 4
+    assert "eval_loss" in resumed.last
+    assert (out_b / "config.resolved.yml").exists()
+    assert sorted(int(p.name) for p in (out_a / "checkpoints").iterdir()) == [3, 4]
+
+
+def test_exports_load_in_transformers_and_peft(tmp_path, tiny_chat_dir, small_data):
+    """hf/ (merged) in transformers and adapter/ in PEFT give jaxtune's logits (fp32, 1e-4);
+    lm_head trains fully (lora_modules_to_save) and rides along in the adapter."""
+    import jax.numpy as jnp
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train_run(tmp_path, tiny_chat_dir, small_data, lora_modules_to_save=["lm_head"], max_steps=3,
+                       peft_layers_to_transform=[1], lora_dropout=0.0)
+    ids = np.random.default_rng(0).integers(0, 49152, (2, 17))
+    ours = np.asarray(result.model(jnp.asarray(ids)))
+    merged = AutoModelForCausalLM.from_pretrained(result.exports["hf"], dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = merged(torch.tensor(ids)).logits.numpy()
+        peft_model = PeftModel.from_pretrained(base, result.exports["adapter"]).eval()
+        peft_logits = peft_model(torch.tensor(ids)).logits.numpy()
+        plain = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, ours, atol=1e-4)
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
+    assert np.abs(plain - ours).max() > 1e-3  # training changed the model
+    config = json.loads((Path(result.exports["adapter"]) / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1] and config["modules_to_save"] == ["lm_head"]
+    names = load_file(str(Path(result.exports["adapter"]) / "adapter_model.safetensors"))
+    assert not any(".layers.0." in n for n in names) and "base_model.model.lm_head.weight" in names
+
+
+def train_run(tmp_path, model_dir, data, **keys):
+    from jaxtune import train
+
+    return train.run(_cfg(tmp_path, model_dir, data, save_strategy="no", eval_steps=None, **keys))
+
+
+def test_qlora_trains_and_exports(tmp_path, tiny_chat_dir, small_data):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.models.layers import QuantizedKernel
+
+    result = train_run(tmp_path, tiny_chat_dir, small_data, adapter="qlora", load_in_4bit=True, max_steps=8,
+                       learning_rate=1e-2, lora_dropout=0.0, gradient_accumulation_steps=1, lr_scheduler="constant")
+    assert isinstance(result.model.layers.mlp.down_proj.kernel, QuantizedKernel)
+    losses = [r["loss"] for r in _records(tmp_path / "out") if "loss" in r]
+    assert losses[-1] < losses[0] - 0.05, losses
+    ids = np.random.default_rng(1).integers(0, 49152, (1, 9))
+    ours = np.asarray(result.model(jnp.asarray(ids)))
+    merged = AutoModelForCausalLM.from_pretrained(result.exports["hf"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+    del jax
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_chat_dir, small_data, monkeypatch):
+    import jax.numpy as jnp
+
+    from jaxtune import train
+    from jaxtune.objectives import sft
+
+    real = sft.token_nll
+
+    def poisoned(logits, labels, segment_ids):
+        nll, trained = real(logits, labels, segment_ids)
+        return nll * jnp.nan, trained
+
+    monkeypatch.setattr(sft, "token_nll", poisoned)
+    with pytest.raises(JaxtuneError, match="loss is nan at step 1"):
+        train.run(_cfg(tmp_path, tiny_chat_dir, small_data))
+    assert not (tmp_path / "out" / "hf").exists()
+
+
+def test_resume_false_refuses_existing_checkpoints(tmp_path):
+    from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
+
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    assert resolve_resume(None, ckpts) is None
+    with pytest.raises(JaxtuneError, match="has no checkpoint"):
+        resolve_resume(True, ckpts)
+    ckpts.save(5, {"x": np.zeros(2, np.float32)}, {"step": 5})
+    assert resolve_resume(None, ckpts)[1] == 5
+    with pytest.raises(JaxtuneError, match="already has checkpoints"):
+        resolve_resume(False, ckpts)
+    assert resolve_resume(str(tmp_path / "checkpoints" / "5"), ckpts)[1] == 5
+
+
+def test_training_config_errors():
+    with pytest.raises(ConfigError, match="unknown config key 'gradient_accumulation'; did you mean "
+                                          "'gradient_accumulation_steps'"):
+        build_config({"gradient_accumulation": 4})
+    with pytest.raises(ConfigError, match="warmup_steps and warmup_ratio cannot both be set"):
+        build_config({"warmup_steps": 10, "warmup_ratio": 0.1})
+    with pytest.raises(ConfigError, match="save_steps and saves_per_epoch cannot both be set"):
+        build_config({"save_steps": 10, "saves_per_epoch": 2})
+    with pytest.raises(ConfigError, match="micro_batch_size: Input should be a valid integer"):
+        build_config({"micro_batch_size": "four"})
+    with pytest.raises(ConfigError, match="optimizer: Input should be"):
+        build_config({"optimizer": "adamw_torch_fuzed"})
+    with pytest.raises(ConfigError, match="adapter: qlora needs load_in_4bit"):
+        build_config({"adapter": "qlora", "lora_target_linear": True})
+    with pytest.raises(ConfigError, match="'rl' is not supported"):
+        build_config({"rl": "dpo"})
+    with pytest.raises(ConfigError, match="lora_target_linear set without adapter"):
+        build_config({"lora_target_linear": True})
+    cfg = build_config({"flash_attention": True, "sequence_parallel_degree": 1, "tf32": True, "deepspeed": "z3.json"})
+    assert cfg.attn_implementation == "flash_attention_2" and cfg.context_parallel_size == 1

@@ -1,0 +1,205 @@
+"""The train step against references: one LoRA step against PEFT + torch AdamW, full fine-tuning
+against transformers + torch AdamW, gradient accumulation against one big batch, the loss against
+its formula, the schedules against transformers' schedulers, compile-once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import save_tiny
+from flax import nnx
+
+from jaxtune.checkpoint.hf import load_model
+from jaxtune.config import build_config
+from jaxtune.objectives.sft import SFT, token_nll
+from jaxtune.optim import build_optimizer, build_schedule
+from jaxtune.peft import lora
+from jaxtune.trainer import make_train_step
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OPTIM = dict(optimizer="adamw_torch", learning_rate=1e-3, lr_scheduler="constant", weight_decay=0.01,
+             max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128)
+    return save_tiny(tmp_path_factory.mktemp("train_step"), cfg, "tiny")
+
+
+def _batch(seed: int, rows: int = 4, length: int = 24, vocab: int = 96):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+    labels = ids.copy()
+    for r in range(rows):  # a prompt of varying length that does not train
+        labels[r, : 3 + 4 * r] = -100
+    return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()}
+
+
+def _stack(batch, micro: int):
+    """[B, L] -> [micro, B/micro, L]."""
+    return {k: v.reshape(micro, v.shape[0] // micro, *v.shape[1:]) for k, v in batch.items()}
+
+
+def _jax_steps(model, filt, batches, cfg_keys, micro=1):
+    cfg = build_config(cfg_keys)
+    graphdef, trainable, frozen = nnx.split(model, filt, ...)
+    optimizer, schedule = build_optimizer(cfg, total_steps=10)
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(graphdef, SFT(), optimizer, schedule, use_rng=False)
+    losses = []
+    for i, b in enumerate(batches):
+        trainable, opt_state, out = step(trainable, frozen, opt_state, _stack(b, micro), jax.random.key(0), jnp.int32(i))
+        losses.append(float(out["loss"]))
+    nnx.update(model, trainable)
+    return losses, step
+
+
+def _torch_steps(model, params, batches, decay_names=None):
+    import torch
+
+    groups = [{"params": [p for n, p in params if decay_names is None or n in decay_names], "weight_decay": 0.01}]
+    if decay_names is not None:
+        groups.append({"params": [p for n, p in params if n not in decay_names], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    losses = []
+    for b in batches:
+        opt.zero_grad()
+        out = model(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
+                    labels=torch.tensor(b["labels"], dtype=torch.long))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        losses.append(float(out.loss))
+    return losses
+
+
+def test_lora_steps_match_peft(tiny_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(tiny_dir)
+    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(TARGETS), use_rslora=True)
+    lora.add_lora(model, spec, jax.random.key(1))
+    # Non-zero B so both A and B get gradients from the first step.
+    for i, linear in enumerate(lora.layer_linears(model).values()):
+        b = linear.lora_b.get_value()
+        linear.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(10 + i), b.shape))
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+                                                 use_rslora=True))
+    named = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, linear in lora.layer_linears(model).items():
+            parent = lora.LINEAR_PATHS[name]
+            for layer in range(2):
+                prefix = f"base_model.model.model.layers.{layer}.{parent}.{name}"
+                named[f"{prefix}.lora_A.default.weight"].copy_(torch.tensor(np.asarray(linear.lora_a[...][layer]).T))
+                named[f"{prefix}.lora_B.default.weight"].copy_(torch.tensor(np.asarray(linear.lora_b[...][layer]).T))
+    batches = [_batch(0), _batch(1), _batch(2)]
+    ours, _ = _jax_steps(model, lora.trainable_filter(model, spec), batches, OPTIM)
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    theirs = _torch_steps(peft_model, trainable, batches)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    named = dict(peft_model.named_parameters())
+    for name, linear in lora.layer_linears(model).items():
+        parent = lora.LINEAR_PATHS[name]
+        for layer in range(2):
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{name}"
+            for ours_var, kind in ((linear.lora_a, "lora_A"), (linear.lora_b, "lora_B")):
+                ref = named[f"{prefix}.{kind}.default.weight"].detach().numpy().T
+                np.testing.assert_allclose(np.asarray(ours_var[...][layer]), ref, atol=1e-5, err_msg=f"{prefix} {kind}")
+
+
+def test_full_finetuning_steps_match_transformers(tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.checkpoint.hf import hf_tensors
+
+    model = load_model(tiny_dir)
+    batches = [_batch(3), _batch(4)]
+    ours, _ = _jax_steps(model, nnx.Param, batches, OPTIM)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
+    params = list(ref.named_parameters())
+    decay = {n for n, _ in params if not n.endswith("bias") and "norm" not in n}  # HF Trainer's rule
+    theirs = _torch_steps(ref, params, batches, decay)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    ref_state = {n: p.detach().numpy() for n, p in ref.named_parameters()}
+    for t in hf_tensors(model):
+        np.testing.assert_allclose(t.produce(), ref_state[t.name], atol=1e-5, err_msg=t.name)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_dir):
+    """4 micro-batches of 1 row = 1 batch of 4 rows, although the rows train different token counts
+    (a per-micro-batch mean would weight them differently)."""
+    results = []
+    for micro in (1, 4):
+        model = load_model(tiny_dir)
+        spec = lora.LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+        lora.add_lora(model, spec, jax.random.key(1))
+        losses, _ = _jax_steps(model, lora.trainable_filter(model, spec), [_batch(5), _batch(6)], OPTIM, micro=micro)
+        results.append((losses, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_step_compiles_once(tiny_dir):
+    model = load_model(tiny_dir)
+    spec = lora.LoraSpec(r=2, alpha=4, targets=("q_proj",))
+    lora.add_lora(model, spec, jax.random.key(0))
+    _, step = _jax_steps(model, lora.trainable_filter(model, spec), [_batch(i) for i in range(4)], OPTIM, micro=2)
+    assert step.traces == 1
+
+
+def test_sft_loss_formula_and_segment_boundaries():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 6, 5)).astype(np.float32)
+    ids = np.array([[1, 2, 3, 4, 0, 0]])
+    labels = np.array([[-100, 2, 3, 4, 0, -100]])
+    segments = np.array([[1, 1, 1, 2, 2, 0]])
+    nll, trained = token_nll(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(segments))
+    # position t predicts labels[t+1] within a segment: 0->2, 1->3; 2->4 crosses into segment 2;
+    # 3->0 is inside segment 2; 4->pad is not.
+    assert np.asarray(trained).tolist() == [[True, True, False, True, False]]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(logp[0, 0, 2] + logp[0, 1, 3] + logp[0, 3, 0])
+    np.testing.assert_allclose(float(nll.sum()), expected, rtol=1e-6)
+    del ids
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("linear", {}), ("cosine", {}), ("cosine", {"cosine_min_lr_ratio": 0.1}), ("constant", {}),
+    ("constant_with_warmup", {}), ("cosine_with_restarts", {"cosine_restarts": 3}),
+])
+def test_schedules_match_transformers(kind, extra):
+    import torch
+    from transformers import get_scheduler
+
+    total, warmup, lr = 40, 5, 3e-4
+    cfg = build_config({"learning_rate": lr, "lr_scheduler": kind, "warmup_steps": warmup, **extra})
+    ours = [float(build_schedule(cfg, total)(s)) for s in range(total)]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    if kind == "cosine" and extra:
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1)
+    else:
+        kwargs = {"scheduler_specific_kwargs": {"num_cycles": 3}} if kind == "cosine_with_restarts" else {}
+        sched = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total, **kwargs)
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-10)
