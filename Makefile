@@ -26,11 +26,11 @@ $(VENV)/.test: $(VENV)/.runtime
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
+# The quickstart: prepare the bundled model, LoRA fine-tune it on configs/quickstart.yml, export, and
+# compare the base and fine-tuned model's answers on held-out data.
 demo: setup
 	$(JAXTUNE) convert --bundled smollm2
-	$(JAXTUNE) generate --model bundled:smollm2 --max-new-tokens 64 \
-		--prompt "What is the capital of France?" \
-		--prompt "Give me three tips for writing clear code."
+	$(PY) scripts/quickstart.py
 
 test: setup-test
 	$(PY) -m pytest -q -m "not slow"
@@ -40,6 +40,7 @@ test-all: setup-test
 
 bench: setup-test
 	$(PY) scripts/bench_inference.py
+	$(PY) scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,8 +1,8 @@
 """`jaxtune <verb>`: the command line.
 
 Verbs: convert (GGUF -> HF directory, or prepare the bundled model), generate (KV-cache sampling),
-preprocess (tokenize, mask and pack a config's datasets into the cache), validate (print the resolved
-config or its errors).
+preprocess (tokenize, mask and pack a config's datasets into the cache), train (fine-tune), export
+(hf/ and adapter/ from a checkpoint or adapter), validate (print the resolved config or its errors).
 Errors caused by input print one line `jaxtune: error: ...` and exit with status 2.
 """
 
@@ -79,6 +79,28 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jaxtune.config import load_config
+    from jaxtune.train import run
+
+    try:
+        run(load_config(args.config, args.overrides))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxtune.config import load_config
+    from jaxtune.train import export_run
+
+    overrides = list(args.overrides) + ([f"lora_model_dir={args.lora_model_dir}"] if args.lora_model_dir else [])
+    written = export_run(load_config(args.config, overrides), args.checkpoint)
+    for path in written.values():
+        print(path)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from jaxtune.config import dump_config, load_config
 
@@ -121,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug-examples", type=int, default=3, help="how many examples --debug prints")
     p.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
     p.set_defaults(func=_preprocess)
+
+    p = verbs.add_parser("train", help="fine-tune from a config (same as python -m jaxtune.train --config)")
+    p.add_argument("config", help="YAML config (Axolotl keys)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_train)
+
+    p = verbs.add_parser("export", help="write output_dir/hf (merged) and adapter/ from a checkpoint or an adapter "
+                         "(Axolotl's merge-lora)")
+    p.add_argument("config", help="YAML config of the run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest in output_dir/checkpoints)")
+    p.add_argument("--lora-model-dir", help="export this PEFT adapter merged into base_model")
+    p.set_defaults(func=_export)
 
     p = verbs.add_parser("validate", help="print the resolved config, or its errors")
     p.add_argument("config", help="YAML config")

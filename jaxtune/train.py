@@ -96,6 +96,36 @@ def run(cfg: Config) -> TrainResult:
     return TrainResult(model, spec, data.tokenizer, last, written)
 
 
+def export_run(cfg: Config, checkpoint: str | None = None) -> dict[str, Path]:
+    """`jaxtune export` (Axolotl's merge-lora): write hf/ and adapter/ into output_dir from a
+    checkpoint (`checkpoint`: a `.../checkpoints/<step>` directory, default the newest in
+    output_dir) or, when there is none, from `lora_model_dir` alone."""
+    from flax import nnx
+
+    from jaxtune import bundled
+    from jaxtune.build import build_model
+    from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
+    from jaxtune.data.prepare import load_tokenizer_for
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.peft.lora import trainable_filter
+
+    output_dir = Path(cfg.output_dir)
+    tokenizer, _ = load_tokenizer_for(cfg)
+    model, spec, _ = build_model(cfg, tokenizer)
+    point = resolve_resume(checkpoint or None, Checkpoints(output_dir / "checkpoints"))
+    if point is not None:
+        source, step = point
+        _, trainable, _ = nnx.split(model, trainable_filter(model, spec), ...)
+        items, _ = source.restore(step, {"params": nnx.to_pure_dict(trainable)})
+        nnx.replace_by_pure_dict(trainable, items["params"])
+        nnx.update(model, trainable)
+        info(f"exporting checkpoint {source.directory / str(step)}")
+    elif not cfg.lora_model_dir:
+        raise JaxtuneError(f"nothing to export: {output_dir / 'checkpoints'} has no checkpoint and lora_model_dir "
+                           "is not set")
+    return export(model, spec, tokenizer, output_dir, base_model=str(bundled.resolve(cfg.base_model)))
+
+
 def _resume_point(cfg: Config, trainer):
     from jaxtune.checkpoint.resume import resolve_resume
 

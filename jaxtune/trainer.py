@@ -88,9 +88,11 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
         micro_batches = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(rng, step_index), micro_batches)
         first = jax.tree.map(lambda x: x[0], batch)
-        _, metric_shapes = jax.eval_shape(micro_loss, trainable, frozen, first, keys[0])
-        zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+
+        def zeros():
+            _, metric_shapes = jax.eval_shape(micro_loss, trainable, frozen, first, keys[0])
+            return (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
 
         def body(carry, xs):
             grads, loss, metrics = carry
@@ -99,7 +101,10 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
             return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss_sum,
                     jax.tree.map(jnp.add, metrics, micro_metrics)), None
 
-        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (batch, keys))
+        if micro_batches == 1:  # no accumulator buffers (one parameter-sized copy less)
+            (loss, metrics), grads = grad_fn(trainable, frozen, first, keys[0])
+        else:
+            (grads, loss, metrics), _ = jax.lax.scan(body, zeros(), (batch, keys))
         weight = jnp.maximum(metrics["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         grad_norm = optax.global_norm(grads)
@@ -169,8 +174,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def _state_tree(self) -> dict:
-        return {"params": nnx.to_pure_dict(self.trainable), "opt_state": jax.tree.leaves(self.opt_state),
-                "rng": jax.random.key_data(self.rng)}
+        return {"params": nnx.to_pure_dict(self.trainable),
+                "optimizer": {"opt_state": jax.tree.leaves(self.opt_state), "rng": jax.random.key_data(self.rng)}}
 
     def save(self) -> None:
         meta = {"step": self.step, **self.position, "config": self.cfg.model_dump(mode="json")}
@@ -180,8 +185,8 @@ class Trainer:
         state, meta = source.restore(step, self._state_tree())
         nnx.replace_by_pure_dict(self.trainable, state["params"])
         treedef = jax.tree.structure(self.opt_state)
-        self.opt_state = jax.tree.unflatten(treedef, state["opt_state"])
-        self.rng = jax.random.wrap_key_data(state["rng"])
+        self.opt_state = jax.tree.unflatten(treedef, state["optimizer"]["opt_state"])
+        self.rng = jax.random.wrap_key_data(state["optimizer"]["rng"])
         self.step = int(meta["step"])
         self.position = {"loader": meta["loader"], "batch_in_epoch": int(meta["batch_in_epoch"])}
         info(f"resumed from {source.directory / str(step)} at step {self.step}")

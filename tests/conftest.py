@@ -85,3 +85,20 @@ def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with SmolLM2's tokenizer and vocabulary (so real chat data trains it)."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    out = save_tiny(tmp_path_factory.mktemp("tiny_chat"), cfg, "tiny")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (smollm2_dir / f).exists():
+            shutil.copy(smollm2_dir / f, out / f)
+    return out

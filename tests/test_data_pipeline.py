@@ -214,11 +214,11 @@ def test_two_hosts_see_every_row_once():
 
 
 def test_preprocess_cli_debug_with_two_processes(tmp_path, smollm2_dir, capsys):
-    """`jaxtune preprocess --debug` on the shipped quickstart data, tokenized by 2 worker processes."""
+    """`jaxtune preprocess --debug` on the shipped chat sample, tokenized by 2 worker processes."""
     from jaxtune.cli import main
 
     repo = Path(__file__).resolve().parents[1]
-    code = main(["preprocess", str(repo / "configs" / "quickstart.yml"), "--debug", "--debug-examples", "1",
+    code = main(["preprocess", str(repo / "configs" / "chat_sample.yml"), "--debug", "--debug-examples", "1",
                  f"base_model={smollm2_dir}", f"dataset_prepared_path={tmp_path}", "dataset_processes=2"])
     out = capsys.readouterr().out
     assert code == 0 and "prepared 2 training rows and 2 eval rows (sft)" in out

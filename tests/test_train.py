@@ -4,33 +4,16 @@ transformers and PEFT with the same logits, QLoRA trains, failures are clear."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_tiny
 from safetensors.numpy import load_file
 
 from jaxtune.config import ConfigError, build_config
 from jaxtune.errors import JaxtuneError
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama with SmolLM2's tokenizer and vocabulary (so real chat data trains it)."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-    out = save_tiny(tmp_path_factory.mktemp("tiny_chat"), cfg, "tiny")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (smollm2_dir / f).exists():
-            shutil.copy(smollm2_dir / f, out / f)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +163,7 @@ def test_resume_false_refuses_existing_checkpoints(tmp_path):
     assert resolve_resume(None, ckpts) is None
     with pytest.raises(JaxtuneError, match="has no checkpoint"):
         resolve_resume(True, ckpts)
-    ckpts.save(5, {"x": np.zeros(2, np.float32)}, {"step": 5})
+    ckpts.save(5, {"params": {"x": np.zeros(2, np.float32)}}, {"step": 5})
     assert resolve_resume(None, ckpts)[1] == 5
     with pytest.raises(JaxtuneError, match="already has checkpoints"):
         resolve_resume(False, ckpts)

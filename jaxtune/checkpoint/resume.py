@@ -1,8 +1,9 @@
 """Training checkpoints (orbax): what a resumed run needs to continue the exact same trajectory.
 
-A checkpoint `output_dir/checkpoints/<step>/` holds
-- `state`: the parameters that train (by name), the optimizer state (its leaves, in optax's
-  order) and the run's RNG key;
+A checkpoint `output_dir/checkpoints/<step>/` holds one orbax item per part, so a part can be read
+alone (`jaxtune export` reads only `params`):
+- `params`: the parameters that train, by name;
+- `optimizer`: the optimizer state (its leaves, in optax's order) and the run's RNG key;
 - `meta` (JSON): step, epoch position, the data loader's position and the resolved config.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
@@ -34,22 +35,23 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: dict, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, step: int, items: dict[str, object], meta: dict) -> None:
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        self._manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    def restore(self, step: int, like: dict[str, object]) -> tuple[dict, dict]:
+        """The items named in `like` (trees giving the shapes and dtypes to restore into) and meta."""
         if step not in self.steps():
             raise JaxtuneError(f"no checkpoint for step {step} in {self.directory} (has: {self.steps()})")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        args = {name: ocp.args.StandardRestore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
+                for name, tree in like.items()}
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError) as e:
             raise JaxtuneError(f"checkpoint {self.directory / str(step)} does not match this run's model and "
                                f"adapter settings ({e})") from None
-        return restored.state, restored.meta
+        return {name: restored[name] for name in like}, restored.meta
 
     def read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

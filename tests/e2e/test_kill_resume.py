@@ -1,0 +1,73 @@
+"""SIGKILL mid-run, then the same command again: the run resumes from the last complete checkpoint
+and ends with the same losses and parameters as a run that was never killed (fp32, 1e-6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+DATA = Path(__file__).resolve().parents[2] / "configs" / "data" / "quickstart_train.jsonl"
+
+
+def _write_config(tmp_path: Path, name: str, model_dir: Path) -> Path:
+    cfg = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(DATA), "type": "chat_template"}],
+        "val_set_size": 16, "sequence_len": 256, "sample_packing": True, "micro_batch_size": 4,
+        "max_steps": 40, "learning_rate": 1e-3, "warmup_ratio": 0.1, "adapter": "lora", "lora_target_linear": True,
+        "lora_r": 4, "lora_dropout": 0.1, "save_steps": 10, "eval_steps": 20, "save_total_limit": 2,
+        "output_dir": str(tmp_path / name), "dataset_prepared_path": str(tmp_path / "prep"),
+    }
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(config: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "jaxtune.train", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.slow
+def test_sigkill_then_same_command_resumes_to_the_same_result(tmp_path, tiny_chat_dir):
+    straight = _train(_write_config(tmp_path, "a", tiny_chat_dir))
+    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()
+
+    config_b = _write_config(tmp_path, "b", tiny_chat_dir)
+    victim = _train(config_b)
+    first_checkpoint = tmp_path / "b" / "checkpoints" / "10"
+    deadline = time.time() + 600
+    while not first_checkpoint.is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "hf").exists()
+    again = _train(config_b)
+    log = again.communicate(timeout=600)[1].decode()
+    assert again.returncode == 0, log
+    assert "resumed from" in log
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = records("a"), records("b")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "eval_loss"):
+            if key in ra:
+                np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"{key} at step {ra['step']}")
+    wa = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    for key in wa:
+        np.testing.assert_allclose(wb[key], wa[key], atol=1e-6, err_msg=key)
