@@ -16,10 +16,9 @@ import jax.numpy as jnp
 from jaxtune import bundled
 from jaxtune.checkpoint.hf import load_model
 from jaxtune.errors import JaxtuneError
+from jaxtune.kernels.attention import IMPLEMENTATIONS
 from jaxtune.logging import info, warn_once
 from jaxtune.peft import lora
-
-_BACKENDS = ("xla",)  # what kernels/attention.py implements in this release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,7 @@ def resolve_precision(cfg) -> Precision:
 
 def resolve_attention(cfg) -> str:
     requested = cfg.attn_implementation
-    if requested in _BACKENDS:
+    if requested in IMPLEMENTATIONS:
         return requested
     if requested not in ("auto", "eager", "sdpa"):
         info(f"attn_implementation: {requested} runs as jaxtune's 'xla' attention in this release")
@@ -90,12 +89,29 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None):
         if cfg.lora_model_dir:
             spec = lora.load_adapter(model, bundled.resolve(cfg.lora_model_dir), dropout=cfg.lora_dropout)
             info(f"continuing the adapter in {cfg.lora_model_dir} (r={spec.r}, alpha={spec.alpha:g})")
+            _warn_adapter_overrides(cfg, spec)
         else:
             spec = lora.LoraSpec.from_config(cfg)
             lora.add_lora(model, spec, key)
         if spec.modules_to_save:
             _float_modules(model, spec, precision)
     return model, spec, precision
+
+
+def _warn_adapter_overrides(cfg, spec) -> None:
+    """With lora_model_dir the adapter's own r/alpha/targets/... apply; name config keys that differ."""
+    given = lora.LoraSpec.from_config(cfg)
+    fields = {"lora_r": "r", "lora_alpha": "alpha", "peft_use_rslora": "use_rslora",
+              "peft_layers_to_transform": "layers", "lora_modules_to_save": "modules_to_save"}
+    differ = [key for key, f in fields.items() if key in cfg.model_fields_set and getattr(given, f) != getattr(spec, f)]
+    def names(targets):
+        return targets if isinstance(targets, str) else sorted(targets)
+
+    if (cfg.lora_target_modules or cfg.lora_target_linear) and names(given.targets) != names(spec.targets):
+        differ.append("lora_target_modules/lora_target_linear")
+    if differ:
+        warn_once(f"{', '.join(differ)} not used: lora_model_dir's adapter_config.json sets them for the adapter "
+                  "being continued")
 
 
 def _float_modules(model, spec, precision: Precision) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
+from jaxtune.checkpoint.resume import Checkpoints
 from jaxtune.data.loader import BatchLoader
 from jaxtune.data.packing import pad_batch
 from jaxtune.errors import JaxtuneError

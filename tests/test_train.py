@@ -4,6 +4,7 @@ transformers and PEFT with the same logits, QLoRA trains, failures are clear."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_chat_dir, sma
     assert "eval_loss" in resumed.last
     assert (out_b / "config.resolved.yml").exists()
     assert sorted(int(p.name) for p in (out_a / "checkpoints").iterdir()) == [3, 4]
+
+    # `jaxtune export` rebuilds hf/ and adapter/ from a checkpoint (here the last one).
+    from jaxtune.cli import main
+
+    shutil.rmtree(out_b / "hf")
+    shutil.rmtree(out_b / "adapter")
+    assert main(["export", str(out_b / "config.resolved.yml"), "--checkpoint", str(out_b / "checkpoints" / "4")]) == 0
+    exported = load_file(str(out_b / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(exported[k], wa[k], atol=1e-6, err_msg=k)
+    assert (out_b / "hf" / "model.safetensors").exists()
 
 
 def test_exports_load_in_transformers_and_peft(tmp_path, tiny_chat_dir, small_data):

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from jaxtune.config.base import Section
+from jaxtune.logging import warn_once
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
@@ -51,8 +52,8 @@ class ModelKeys(Section):
                                                              "adapters.")
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times "
                                             "faster than A.")
-    loraplus_lr_embedding: float | None = Field(1e-6, gt=0, description="LoRA+: learning rate of embedding "
-                                                "adapters.")
+    loraplus_lr_embedding: float | None = Field(None, gt=0, description="LoRA+: learning rate of embedding "
+                                                "adapters (jaxtune puts no adapters on embeddings, so unused).")
     # quantization
     load_in_4bit: bool | None = Field(None, description="Frozen kernels stored as NF4 (adapter: qlora).")
     load_in_8bit: bool | None = Field(None, description="int8 frozen kernels (not supported; use load_in_4bit).")
@@ -83,6 +84,9 @@ class ModelKeys(Section):
                 raise ValueError(f"{', '.join(given)} set without adapter: lora / qlora")
         elif self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear:
             raise ValueError("an adapter needs lora_target_modules or lora_target_linear: true")
+        if self.loraplus_lr_embedding is not None:
+            warn_once("loraplus_lr_embedding has no effect: jaxtune puts no LoRA adapters on embeddings (train them "
+                      "fully with lora_modules_to_save)")
         if isinstance(self.lora_target_modules, list):
             unknown = [m for m in self.lora_target_modules if m not in LINEAR_MODULES]
             if unknown:

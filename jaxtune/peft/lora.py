@@ -34,7 +34,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from jaxtune.checkpoint.io import TensorToWrite, atomic_directory, read_json_file, write_safetensors
+from jaxtune.checkpoint.io import TensorToWrite, atomic_directory, read_json_file
 from jaxtune.errors import JaxtuneError, ModelLoadError
 from jaxtune.models import family_for
 from jaxtune.models.layers import Linear
@@ -150,19 +150,11 @@ def _attach(linear: Linear, spec: LoraSpec, a, b, gates: np.ndarray, axes) -> No
     linear.lora_dropout = spec.dropout
 
 
-def modules_to_save_filter(model, spec: LoraSpec):
-    """Filter for the fully trained modules; on a tied model embed_tokens and lm_head are one."""
-    names = set(spec.modules_to_save)
-    if model.lm_head is None and names:
-        names = {"embed_tokens"}
-    return [nnx.PathContains(n) for n in sorted(names)]
-
-
 def trainable_filter(model, spec: LoraSpec | None):
     """What trains: every parameter (full fine-tuning) or the adapters and modules_to_save."""
     if spec is None:
         return nnx.Param
-    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, f) for f in modules_to_save_filter(model, spec)])
+    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, nnx.PathContains(n)) for n in modules_to_save_names(model, spec)])
 
 
 def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
@@ -194,6 +186,7 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
 
 
 def modules_to_save_names(model, spec: LoraSpec) -> list[str]:
+    """The fully trained modules; on a tied model embed_tokens and lm_head are one tensor."""
     names = sorted(set(spec.modules_to_save))
     return ["embed_tokens"] if model.lm_head is None and names else names
 
@@ -201,9 +194,9 @@ def modules_to_save_names(model, spec: LoraSpec) -> list[str]:
 def save_adapter(model, spec: LoraSpec, out_dir: str | os.PathLike, *, base_model: str | None = None) -> Path:
     """Write `out_dir` as a PEFT adapter directory (atomically)."""
     config = spec.adapter_config(base_model)
-    if model.lm_head is None and spec.modules_to_save:
-        config["modules_to_save"] = ["embed_tokens"]
-        config["ensure_weight_tying"] = True
+    if spec.modules_to_save:
+        config["modules_to_save"] = modules_to_save_names(model, spec)
+        config["ensure_weight_tying"] = model.lm_head is None
     with atomic_directory(out_dir) as tmp:
         tensors = adapter_tensors(model, spec)
         arrays = {t.name: np.ascontiguousarray(t.produce()) for t in tensors}
