@@ -59,6 +59,13 @@ def resolve_remat(cfg) -> str:
     return value or "none"
 
 
+def resolve_chunked_loss(cfg) -> bool:
+    for value in (cfg.chunked_cross_entropy, cfg.use_cut_cross_entropy):
+        if value is not None:
+            return value
+    return True
+
+
 def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None):
     """(model, LoRA spec or None, Precision) for a config."""
     if not cfg.base_model:
@@ -75,6 +82,7 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None):
     compute = cfg.bnb_4bit_compute_dtype if cfg.adapter == "qlora" and cfg.bnb_4bit_compute_dtype else precision.compute
     model = load_model(path, dtype=compute, param_dtype=param_dtype, attn_implementation=resolve_attention(cfg),
                        remat=resolve_remat(cfg), place=place)
+    model.chunked_loss = resolve_chunked_loss(cfg)
     if cfg.adapter == "qlora":
         from jaxtune.peft.qlora import mark_quantized
 

@@ -154,15 +154,10 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_chat_dir, small_da
     import jax.numpy as jnp
 
     from jaxtune import train
-    from jaxtune.objectives import sft
+    from jaxtune.models.llama import CausalLM
 
-    real = sft.token_nll
-
-    def poisoned(logits, labels, segment_ids):
-        nll, trained = real(logits, labels, segment_ids)
-        return nll * jnp.nan, trained
-
-    monkeypatch.setattr(sft, "token_nll", poisoned)
+    real = CausalLM.target_nll_sum
+    monkeypatch.setattr(CausalLM, "target_nll_sum", lambda self, *args: real(self, *args) * jnp.nan)
     with pytest.raises(JaxtuneError, match="loss is nan at step 1"):
         train.run(_cfg(tmp_path, tiny_chat_dir, small_data))
     assert not (tmp_path / "out" / "hf").exists()

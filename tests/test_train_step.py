@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxtune.checkpoint.hf import load_model
 from jaxtune.config import build_config
-from jaxtune.objectives.sft import SFT, token_nll
+from jaxtune.objectives.sft import SFT
 from jaxtune.optim import build_optimizer, build_schedule
 from jaxtune.peft import lora
 from jaxtune.trainer import make_train_step
@@ -162,20 +162,44 @@ def test_step_compiles_once(tiny_dir):
     assert step.traces == 1
 
 
-def test_sft_loss_formula_and_segment_boundaries():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(1, 6, 5)).astype(np.float32)
-    ids = np.array([[1, 2, 3, 4, 0, 0]])
-    labels = np.array([[-100, 2, 3, 4, 0, -100]])
-    segments = np.array([[1, 1, 1, 2, 2, 0]])
-    nll, trained = token_nll(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(segments))
-    # position t predicts labels[t+1] within a segment: 0->2, 1->3; 2->4 crosses into segment 2;
-    # 3->0 is inside segment 2; 4->pad is not.
-    assert np.asarray(trained).tolist() == [[True, True, False, True, False]]
+@pytest.mark.parametrize("chunked", [True, False])
+def test_sft_loss_formula_and_segment_boundaries(tiny_dir, chunked):
+    """SFT's loss is the mean next-token NLL over trained positions, never across a packed boundary,
+    with the chunked and the plain cross-entropy alike."""
+    model = load_model(tiny_dir)
+    model.chunked_loss = chunked
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7, 0]], np.int32)
+    labels = np.array([[-100, 2, 3, 4, 5, -100, 7, -100]], np.int32)
+    segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0]], np.int32)
+    positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0]], np.int32)
+    batch = {"input_ids": ids, "labels": labels, "segment_ids": segments, "positions": positions}
+    loss_sum, metrics = SFT().loss(model, jax.tree.map(jnp.asarray, batch), None)
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(positions)), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    expected = -(logp[0, 0, 2] + logp[0, 1, 3] + logp[0, 3, 0])
-    np.testing.assert_allclose(float(nll.sum()), expected, rtol=1e-6)
-    del ids
+    # trained: 0->2, 1->3 (segment 1); 2->4 crosses into segment 2; 3->5 (segment 2); 4->-100 no;
+    # 5->7 (segment 2); 6->pad no.
+    expected = -(logp[0, 0, 2] + logp[0, 1, 3] + logp[0, 3, 5] + logp[0, 5, 7])
+    assert float(metrics["weight"]) == 4
+    np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
+
+
+def test_chunked_loss_gives_the_plain_step_with_a_tied_head(tmp_path):
+    """Full fine-tuning of a tied-embedding model: the chunked cross-entropy's step (head gradient
+    through the embedding table, vocab axis 0) equals the plain full-logits step."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+    path = save_tiny(tmp_path, cfg, "tied")
+    results = []
+    for chunked in (True, False):
+        model = load_model(path)
+        model.chunked_loss = chunked
+        losses, _ = _jax_steps(model, nnx.Param, [_batch(0), _batch(1)], OPTIM)
+        results.append((losses, nnx.state(model, nnx.Param)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,extra", [

@@ -91,9 +91,8 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "lora_mlp_kernel": "XLA fuses the LoRA matmuls itself",
     "lora_qkv_kernel": "XLA fuses the LoRA matmuls itself",
     "lora_o_kernel": "XLA fuses the LoRA matmuls itself",
-    "use_cut_cross_entropy": "the chunked cross-entropy kernel comes in a later release; the plain loss is used "
-                             "(same values, more memory)",
-    "use_liger_kernel": "Liger is a set of Triton kernels; XLA fuses these operations itself",
+    "use_liger_kernel": "Liger is a set of Triton kernels; XLA fuses these operations itself, and the fused linear "
+                        "cross-entropy is jaxtune's chunked_cross_entropy (on by default)",
     "deepspeed": _DS,
     "fsdp": _DS,
     "fsdp_config": _DS,

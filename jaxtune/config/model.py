@@ -31,6 +31,10 @@ class ModelKeys(Section):
     gradient_checkpointing: bool | Literal["full", "dots", "none"] = Field(
         False, description="Rematerialise activations in the backward pass: true/full recomputes each layer, "
         "`dots` keeps matmul outputs.")
+    chunked_cross_entropy: bool | None = Field(
+        None, description="Compute the loss from the hidden states and the LM head in token chunks, never the "
+        "whole [batch, seq, vocab] logits (default: on; same values, far less memory).")
+    use_cut_cross_entropy: bool | None = Field(None, description="Axolotl's name for chunked_cross_entropy.")
     context_parallel_size: int = Field(1, ge=1, description="Sequence-parallel degree (1 in this release).")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree (1 in this release).")
     dp_shard_size: int | None = Field(None, ge=1, description="FSDP degree (not in this release).")
@@ -64,6 +68,9 @@ class ModelKeys(Section):
 
     @model_validator(mode="after")
     def _check_model(self) -> ModelKeys:
+        if None not in (self.chunked_cross_entropy, self.use_cut_cross_entropy) and \
+                self.chunked_cross_entropy != self.use_cut_cross_entropy:
+            raise ValueError("chunked_cross_entropy and use_cut_cross_entropy (its Axolotl name) disagree; set one")
         if self.load_in_8bit:
             raise ValueError("load_in_8bit is not supported: int8 frozen kernels are not implemented; use "
                              "adapter: qlora with load_in_4bit: true (NF4), or plain lora")

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Axes = tuple[str | None, ...]
 
@@ -93,8 +94,15 @@ class Linear(nnx.Module):
         return w.astype(dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        x = x.astype(self.dtype)
-        y = jnp.einsum("...d,df->...f", x, self.dense_kernel())
+        # Matmuls run on [tokens, features]: with the batch and sequence axes flattened, XLA:CPU
+        # lays out the weight-gradient contractions without transposing the activations (a 3-D
+        # einsum here made the LoRA backward ~25% slower on CPU).
+        lead = x.shape[:-1]
+        y = self._forward(x.astype(self.dtype).reshape(-1, x.shape[-1]), rng)
+        return y.reshape(*lead, y.shape[-1])
+
+    def _forward(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        y = x @ self.dense_kernel()
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -104,7 +112,9 @@ class Linear(nnx.Module):
                 h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
-            delta = jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", h, a), b)
+            # The [tokens, r] hidden is saved for the backward pass (tiny); everything else of the
+            # adapter is recomputed or follows from the named projection outputs.
+            delta = checkpoint_name(h @ a, "lora_hidden") @ b
             scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
             y = y + delta * jnp.asarray(scale, self.dtype)
         return y

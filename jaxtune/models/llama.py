@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.kernels.attention import attention
@@ -34,9 +35,17 @@ from jaxtune.models.layers import Embed, Linear, RMSNorm
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-# Gradient checkpointing policies by name (see jax.checkpoint_policies).
+# What the backward pass keeps of each layer's forward (see jax.checkpoint_policies):
+# - "none" (gradient checkpointing off): every matmul output a layer's backward needs (the named
+#   projections below, the attention output and the mid-layer residual); only elementwise work
+#   (norms, RoPE, SiLU, softmax) and the attention scores are recomputed. Keeping those too, as
+#   plain autodiff does, stores ~3x more per layer and is slower on CPU, where the step is bound by
+#   memory traffic, and it buys no matmul.
+# - "dots": every matmul output without batch dimensions (jax's policy of that name).
+# - "full": nothing; each layer's forward runs again in the backward (least memory).
+SAVED_ACTIVATIONS = ("q", "k", "v", "attention", "residual", "mlp_gate", "mlp_up", "lora_hidden")
 REMAT_POLICIES = {
-    "none": None,
+    "none": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -156,7 +165,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: tuple | None = None) -> jax.Array:
         r = rngs or (None,) * 3
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])
+        gate = checkpoint_name(self.gate_proj(x, r[0]), "mlp_gate")
+        up = checkpoint_name(self.up_proj(x, r[1]), "mlp_up")
+        return self.down_proj(jax.nn.silu(gate) * up, r[2])
 
 
 class Block(nnx.Module):
@@ -184,6 +195,7 @@ class Block(nnx.Module):
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
         if kv is None:
             k_all, v_all, kv_positions, kv_segments = k, v, positions, segment_ids
         else:
@@ -202,7 +214,8 @@ class Block(nnx.Module):
             sliding_window=window,
             implementation=attn_impl,
         )
-        x = x + attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim), r[3])
+        out = checkpoint_name(out.reshape(b, t, attn.num_heads * attn.head_dim), "attention")
+        x = checkpoint_name(x + attn.o_proj(out, r[3]), "residual")
         x = x + self.mlp(self.post_attention_layernorm(x), r[4:])
         return (x, None, None) if kv is None else (x, k_cache, v_cache)
 
@@ -221,7 +234,8 @@ class CausalLM(nnx.Module):
     """Decoder-only LM. `model(input_ids)` -> logits [B, T, vocab].
 
     Options that change how (not what) it computes are plain attributes: `attn_implementation`
-    (see jaxtune.kernels.attention) and `remat` (a key of REMAT_POLICIES).
+    (see jaxtune.kernels.attention), `remat` (a key of REMAT_POLICIES) and `chunked_loss` (token
+    log-probabilities through jaxtune.kernels.cross_entropy, without [B, T, vocab] logits).
     """
 
     def __init__(
@@ -233,6 +247,7 @@ class CausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attn_implementation: str = "xla",
         remat: str = "none",
+        chunked_loss: bool = True,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
@@ -240,6 +255,7 @@ class CausalLM(nnx.Module):
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.remat = remat
+        self.chunked_loss = chunked_loss
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -278,6 +294,37 @@ class CausalLM(nnx.Module):
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
+    def head_matrix(self) -> tuple[jax.Array, int]:
+        """The LM head as (matrix, vocab axis): the tied embedding [V, D] (axis 0) or lm_head's kernel
+        [D, V] (axis 1), for kernels that take the head itself."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...], 0
+        return self.lm_head.dense_kernel(), 1
+
+    def target_logprobs(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        """log p(targets[b, t] | position t) from final hidden states [B, T, D]: [B, T] float32."""
+        if not self.chunked_loss:
+            logits = self.logits(hidden).astype(jnp.float32)
+            picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return picked - jax.nn.logsumexp(logits, axis=-1)
+        from jaxtune.kernels.cross_entropy import linear_token_logprobs
+
+        head, vocab_axis = self.head_matrix()
+        flat = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                     vocab_axis=vocab_axis)
+        return flat.reshape(targets.shape)
+
+    def target_nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+        """sum over [B, T] of weights * -log p(targets | position): the cross-entropy of the
+        weighted tokens, float32 (with `chunked_loss`, computed without the full logits)."""
+        if not self.chunked_loss:
+            return -jnp.sum(jnp.where(weights != 0, weights * self.target_logprobs(hidden, targets), 0.0))
+        from jaxtune.kernels.cross_entropy import linear_cross_entropy
+
+        head, vocab_axis = self.head_matrix()
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                    weights.reshape(-1), vocab_axis=vocab_axis)
+
     def decode(self, input_ids, segment_ids, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Run `input_ids` [B, T] through the model writing K/V at `cache.index`.
 
@@ -306,7 +353,7 @@ class CausalLM(nnx.Module):
                 x, _, _ = block(x, window=window if use_window else None, kv=None, rng=key, **common)
                 return x, None
 
-            body = self._maybe_remat(body)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             x, _ = jax.lax.scan(body, x, (layer_state, windows, keys))
             return x, None
 
@@ -328,8 +375,3 @@ class CausalLM(nnx.Module):
             k=k_all, v=v_all, positions=kv_positions, segment_ids=kv_segments, index=index + input_ids.shape[1]
         )
         return x, new_cache
-
-    def _maybe_remat(self, body):
-        if self.remat == "none":
-            return body
-        return jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

@@ -17,14 +17,13 @@ import jax.numpy as jnp
 from jaxtune.data.chat import IGNORE
 
 
-def token_nll(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-position negative log-likelihood [B, T-1] (0 where not trained) and the trained mask."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    trained = (targets != IGNORE) & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    picked = jnp.take_along_axis(logits, jnp.where(trained, targets, 0)[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.where(trained, nll, 0.0), trained
+def next_token_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What each position predicts: targets [B, T] (labels shifted left by one; 0 where nothing is
+    trained) and the trained mask [B, T] (False at segment boundaries, padding and the last position)."""
+    nxt_labels = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)
+    nxt_segments = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+    trained = (nxt_labels != IGNORE) & (nxt_segments == segment_ids) & (nxt_segments > 0)
+    return jnp.where(trained, nxt_labels, 0), trained
 
 
 class SFT:
@@ -32,6 +31,7 @@ class SFT:
     batch_keys = ("input_ids", "labels", "segment_ids", "positions")
 
     def loss(self, model, batch, rng):
-        logits = model(batch["input_ids"], batch["segment_ids"], batch["positions"], rng=rng)
-        nll, trained = token_nll(logits, batch["labels"], batch["segment_ids"])
-        return nll.sum(), {"weight": trained.sum().astype(jnp.float32)}
+        hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], rng=rng)
+        targets, trained = next_token_targets(batch["labels"], batch["segment_ids"])
+        nll_sum = model.target_nll_sum(hidden, targets, trained.astype(jnp.float32))
+        return nll_sum, {"weight": trained.sum().astype(jnp.float32)}

@@ -1,0 +1,199 @@
+"""Cross-entropy straight from hidden states and the LM head, in token chunks.
+
+This is the role of Axolotl's `cut_cross_entropy` / Liger's fused linear cross-entropy: the
+[tokens, vocab] logits (49k-152k wide) are never materialised for the whole batch, only for one
+chunk of tokens at a time, in float32.
+
+Two functions, each with a custom VJP:
+
+- `linear_cross_entropy(hidden, head, targets, weights)` -> sum_t weights[t] * nll[t], the SFT loss.
+  Its gradient is linear in the (scalar) output cotangent, so the forward pass of the VJP computes
+  the gradients w.r.t. the hidden states and the head chunk by chunk while each chunk's logits are
+  at hand (as Liger does), and the backward pass only scales them: the head matmul runs once per
+  direction, as in the plain computation, and nothing of vocabulary size is kept. Without
+  differentiation (eval) only the loss is computed.
+- `linear_token_logprobs(hidden, head, targets)` -> log p(target_t) per token, for objectives that
+  weight tokens after the fact (DPO, GRPO, KTO). The forward keeps only the per-token logsumexp;
+  the backward recomputes each chunk's logits.
+
+The head's gradient is computed only when the head is being differentiated (full fine-tuning, or
+`lora_modules_to_save` with the LM head); a frozen head (LoRA) costs no weight-gradient matmul.
+
+Layout: `hidden` [N, D] (tokens flattened); `head` [V, D] (`vocab_axis=0`, a tied embedding table)
+or [D, V] (`vocab_axis=1`, an lm_head kernel). Logits are `hidden @ head` in the hidden states'
+dtype with float32 accumulation, and everything after that is float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Elements of one chunk of float32 logits (tokens x vocab). 2**24 floats = 64 MiB: chunks of 341
+# tokens for a 49k vocabulary, 110 for 152k.
+CHUNK_ELEMENTS = 2**24
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk: a power of two whose float32 logits stay within CHUNK_ELEMENTS (>= 16)."""
+    return max(16, 2 ** int(math.log2(max(1, CHUNK_ELEMENTS // vocab_size))))
+
+
+def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
+    """[N, ...] -> [ceil(N / chunk), chunk, ...], padding the tail with `fill`."""
+    n = x.shape[0]
+    pad = -n % chunk
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape(-1, chunk, *x.shape[1:])
+
+
+def _logits(h: jax.Array, head: jax.Array, vocab_axis: int) -> jax.Array:
+    dims = ((1,), (1,)) if vocab_axis == 0 else ((1,), (0,))
+    return jax.lax.dot_general(h, head.astype(h.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _hidden_grad(dlogits: jax.Array, head: jax.Array, vocab_axis: int, dtype) -> jax.Array:
+    """dL/dh [C, D] from dL/dlogits [C, V]."""
+    dims = ((1,), (0,)) if vocab_axis == 0 else ((1,), (1,))
+    return jax.lax.dot_general(dlogits.astype(dtype), head.astype(dtype), (dims, ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _head_grad(dlogits: jax.Array, h: jax.Array, vocab_axis: int) -> jax.Array:
+    """dL/dhead in the head's layout ([V, D] or [D, V]), float32."""
+    d = dlogits.astype(h.dtype)
+    if vocab_axis == 0:
+        return jax.lax.dot_general(d, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(h, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------- summed loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ce_sum(hidden, head, targets, weights, chunk, vocab_axis):
+    def body(total, xs):
+        h, t, w = xs
+        logits = _logits(h, head, vocab_axis)
+        nll = jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, t)
+        return total + jnp.sum(jnp.where(w != 0, w * nll, 0.0)), None
+
+    xs = (_chunked(hidden, chunk), _chunked(targets, chunk), _chunked(weights, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def _ce_sum_fwd(hidden, head, targets, weights, chunk, vocab_axis):
+    hidden, head, need_head = hidden.value, head.value, head.perturbed
+    targets, weights = targets.value, weights.value
+    vocab = head.shape[vocab_axis]
+
+    def body(carry, xs):
+        total, dhead = carry
+        h, t, w = xs
+        logits = _logits(h, head, vocab_axis)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - _target_logit(logits, t)
+        total = total + jnp.sum(jnp.where(w != 0, w * nll, 0.0))
+        # d(sum w * nll)/dlogits = w * (softmax - onehot(target))
+        dlogits = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(t, vocab, dtype=jnp.float32)
+        dlogits = dlogits * w[:, None]
+        dh = _hidden_grad(dlogits, head, vocab_axis, h.dtype)
+        if need_head:
+            dhead = dhead + _head_grad(dlogits, h, vocab_axis)
+        return (total, dhead), dh
+
+    xs = (_chunked(hidden, chunk), _chunked(targets, chunk), _chunked(weights, chunk))
+    dhead0 = jnp.zeros(head.shape, jnp.float32) if need_head else None
+    (total, dhead), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dhead0), xs)
+    dh = dh.reshape(-1, hidden.shape[-1])[: hidden.shape[0]].astype(hidden.dtype)
+    return total, (dh, None if dhead is None else dhead.astype(head.dtype))
+
+
+def _ce_sum_bwd(chunk, vocab_axis, res, g):
+    dh, dhead = res
+    dhidden = (g * dh).astype(dh.dtype)
+    return dhidden, None if dhead is None else (g * dhead).astype(dhead.dtype), None, None
+
+
+_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd, symbolic_zeros=True)
+
+
+def linear_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                         vocab_axis: int = 0, chunk_size: int | None = None) -> jax.Array:
+    """sum_t weights[t] * -log softmax(hidden[t] @ head)[targets[t]] (float32 scalar).
+
+    hidden [N, D]; targets [N] int; weights [N] float (0 drops a token, whatever its target);
+    head [V, D] (`vocab_axis=0`) or [D, V] (`vocab_axis=1`). Differentiable w.r.t. hidden and head.
+    """
+    chunk = chunk_size or default_chunk_size(head.shape[vocab_axis])
+    targets = jnp.where(weights != 0, targets, 0).astype(jnp.int32)
+    return _ce_sum(hidden, head, targets, weights.astype(jnp.float32), chunk, vocab_axis)
+
+
+# ------------------------------------------------------------------------------ per-token logprobs
+
+
+def _logprob_chunks(hidden, head, targets, chunk, vocab_axis):
+    def body(_, xs):
+        h, t = xs
+        logits = _logits(h, head, vocab_axis)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return None, (_target_logit(logits, t) - lse, lse)
+
+    _, (logp, lse) = jax.lax.scan(body, None, (_chunked(hidden, chunk), _chunked(targets, chunk)))
+    n = hidden.shape[0]
+    return logp.reshape(-1)[:n], lse.reshape(-1)[:n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_logprobs(hidden, head, targets, chunk, vocab_axis):
+    return _logprob_chunks(hidden, head, targets, chunk, vocab_axis)[0]
+
+
+def _token_logprobs_fwd(hidden, head, targets, chunk, vocab_axis):
+    need_head = head.perturbed
+    hidden, head, targets = hidden.value, head.value, targets.value
+    logp, lse = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
+    # `()` vs None marks (in the residuals' structure) whether the head needs a gradient.
+    return logp, (hidden, head, targets, lse, () if need_head else None)
+
+
+def _token_logprobs_bwd(chunk, vocab_axis, res, g):
+    hidden, head, targets, lse, need_head = res
+    vocab = head.shape[vocab_axis]
+
+    def body(dhead, xs):
+        h, t, l, gc = xs
+        logits = _logits(h, head, vocab_axis)
+        # d(logit[t] - lse)/dlogits = onehot(t) - softmax
+        dlogits = (jax.nn.one_hot(t, vocab, dtype=jnp.float32) - jnp.exp(logits - l[:, None])) * gc[:, None]
+        dh = _hidden_grad(dlogits, head, vocab_axis, h.dtype)
+        if dhead is not None:
+            dhead = dhead + _head_grad(dlogits, h, vocab_axis)
+        return dhead, dh
+
+    xs = (_chunked(hidden, chunk), _chunked(targets, chunk), _chunked(lse, chunk), _chunked(g, chunk))
+    dhead0 = None if need_head is None else jnp.zeros(head.shape, jnp.float32)
+    dhead, dh = jax.lax.scan(body, dhead0, xs)
+    dh = dh.reshape(-1, hidden.shape[-1])[: hidden.shape[0]].astype(hidden.dtype)
+    return dh, None if dhead is None else dhead.astype(head.dtype), None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd, symbolic_zeros=True)
+
+
+def linear_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, vocab_axis: int = 0,
+                          chunk_size: int | None = None) -> jax.Array:
+    """log softmax(hidden[t] @ head)[targets[t]] for each token t: [N] float32 (shapes as in
+    `linear_cross_entropy`). Differentiable w.r.t. hidden and head."""
+    chunk = chunk_size or default_chunk_size(head.shape[vocab_axis])
+    return _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis)
