@@ -36,7 +36,9 @@ FLOP/s.
 
 Targets (at the default batch 4 x 256 on the project's 2-core CPU): jaxtune LoRA >= 1.6x HF+PEFT
 tokens/s, full fine-tuning >= 1.4x, jaxtune's peak RSS no higher than HF's, jaxtune's first step
-(compile included) under 20 s.
+(compile included) under 20 s. The last lines print the ceiling: the tokens/s of a step whose model
+FLOPs all ran at the measured matmul peak, as a multiple of HF's measured tokens/s. A target above
+that ceiling cannot be met by any implementation on that run's machine state.
 
     .venv/bin/python scripts/bench_train.py [--seq 256] [--batch 4] [--steps 5] [--only all|lora|full]
                                             [--model DIR]
@@ -332,6 +334,13 @@ def main() -> None:
         ]
         for label, ok, value in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {label:<34} ({value})")
+    print("ceiling (every model FLOP at the matmul peak measured above; norms, softmax, loss and the optimizer "
+          "free):")
+    for mode in modes:
+        h = results["hf", mode]
+        ceiling = peak["jaxtune"] / (train_flops(config, args.batch, args.seq, mode) / (args.batch * args.seq))
+        print(f"  {names[mode]}: {ceiling:.1f} tokens/s = {ceiling / h['tokens_per_s']:.2f}x HF "
+              f"(target {TARGETS[mode]}x)")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,37 @@ def test_sft_loss_formula_and_segment_boundaries(tiny_dir, chunked):
     np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn,remat", [("blockwise", "none"), ("blockwise", "full"), ("xla", "dots"),
+                                        ("xla", "full")])
+def test_attention_backends_and_remat_train_like_the_reference(tiny_dir, attn, remat, monkeypatch):
+    """Three LoRA steps on packed rows with each CPU attention backend and remat policy give the
+    reference's (xla attention, default policy) losses and adapters."""
+    import jaxtune.kernels.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "Q_BLOCK", 8)  # several tiles, some skipped, over 24 tokens
+    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
+
+    def packed(seed):
+        b = _batch(seed)
+        b["segment_ids"] = np.repeat(np.array([[1] * 9 + [2] * 7 + [3] * 5 + [0] * 3]), 4, axis=0).astype(np.int32)
+        b["positions"] = np.array([list(range(9)) + list(range(7)) + list(range(5)) + [0, 1, 2]] * 4, np.int32)
+        return b
+
+    results = []
+    for impl, policy in ((attn, remat), ("xla", "none")):
+        model = load_model(tiny_dir, attn_implementation=impl, remat=policy)
+        spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(TARGETS))
+        lora.add_lora(model, spec, jax.random.key(0))
+        for name in TARGETS:  # non-zero B so the adapters shape the attention inputs from step one
+            mod = lora.layer_linears(model)[name]
+            mod.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(1), mod.lora_b.get_value().shape))
+        losses, _ = _jax_steps(model, lora.trainable_filter(model, spec), [packed(i) for i in range(3)], OPTIM)
+        results.append((losses, nnx.state(model, nnx.LoRAParam)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_chunked_loss_gives_the_plain_step_with_a_tied_head(tmp_path):
     """Full fine-tuning of a tied-embedding model: the chunked cross-entropy's step (head gradient
     through the embedding table, vocab axis 0) equals the plain full-logits step."""

@@ -11,7 +11,7 @@ from jaxtune.logging import warn_once
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
-ATTN_IMPLEMENTATIONS = ("auto", "xla", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+ATTN_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
                         "xformers")
 
 

@@ -20,8 +20,9 @@ Token 3 (first token of sample 2) sees only itself; token 2 sees tokens 0..2.
 Grouped-query attention is computed by grouping query heads over the K/V heads (a reshape), never
 by materialising repeated K/V.
 
-Backends: `xla` (this file's reference, exact, memory O(T*S)). Other backends (blockwise, cudnn,
-pallas) are added behind the same signature and are tested against `xla`.
+Backends: `xla` (this file's reference, exact, memory O(T*S)); `blockwise` (jaxtune.kernels.blockwise:
+the same rule applied tile by tile with an online softmax and a recomputing backward, memory linear
+in T, empty tiles skipped). Each is tested against `xla`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import jax.numpy as jnp
 
 from jaxtune.errors import JaxtuneError
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "blockwise")
+# Backends with a custom VJP that keeps only q, k, v, the output and the log-sum-exp: a model runs
+# them outside its remat region (rematerialising them would recompute the whole forward).
+OWN_VJP = frozenset({"blockwise"})
 
 
 def attention_mask(
@@ -96,6 +100,12 @@ def attention(
     if q_btnh.shape[2] % k_bskh.shape[2]:
         raise ValueError(f"{q_btnh.shape[2]} query heads is not a multiple of {k_bskh.shape[2]} kv heads")
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "blockwise":
+        from jaxtune.kernels.blockwise import blockwise_attention
+
+        return blockwise_attention(q_btnh, k_bskh, v_bskh, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                   q_positions=q_positions, kv_positions=kv_positions, causal=causal,
+                                   sliding_window=sliding_window, scale=scale)
     mask = attention_mask(
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, sliding_window=sliding_window
     )

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.kernels.attention import attention
+from jaxtune.kernels.attention import OWN_VJP, attention
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.cache import KVCache
 from jaxtune.models.config import ModelConfig, RopeConfig
@@ -185,17 +185,8 @@ class Block(nnx.Module):
         with the whole stacked cache [L, B, S, K, H]: this layer's new K/V are written in place at
         [layer, :, write_index] and attention reads the layer's slice. Returns (x, k_all, v_all).
         """
-        attn = self.self_attn
-        b, t, _ = x.shape
-        r = (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
-        h = self.input_layernorm(x)
-        q = attn.q_proj(h, r[0]).reshape(b, t, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(h, r[1]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(h, r[2]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
-        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+        r = self.dropout_keys(rng)
+        q, k, v = self.qkv(x, cos, sin, r)
         if kv is None:
             k_all, v_all, kv_positions, kv_segments = k, v, positions, segment_ids
         else:
@@ -203,21 +194,37 @@ class Block(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, index, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, index, 0, 0))
             k_all, v_all = k_cache[layer], v_cache[layer]
-        out = attention(
-            q,
-            k_all.astype(q.dtype),
-            v_all.astype(q.dtype),
-            q_segment_ids=segment_ids,
-            kv_segment_ids=kv_segments,
-            q_positions=positions,
-            kv_positions=kv_positions,
-            sliding_window=window,
-            implementation=attn_impl,
-        )
+        out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_segment_ids=segment_ids,
+                        kv_segment_ids=kv_segments, q_positions=positions, kv_positions=kv_positions,
+                        sliding_window=window, implementation=attn_impl)
+        x = self.finish(x, out, r)
+        return (x, None, None) if kv is None else (x, k_cache, v_cache)
+
+    @staticmethod
+    def dropout_keys(rng) -> tuple:
+        """One key per projection (q, k, v, o, gate, up, down), or Nones without dropout."""
+        return (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
+
+    def qkv(self, x, cos, sin, r):
+        """The layer up to attention: q [B, T, N, H], k and v [B, T, K, H] (normed, projected, RoPE)."""
+        attn = self.self_attn
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = attn.q_proj(h, r[0]).reshape(b, t, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(h, r[1]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(h, r[2]).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+        return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+
+    def finish(self, x, out, r):
+        """The layer after attention: output projection, residual, MLP. `out` [B, T, N, H]."""
+        attn = self.self_attn
+        b, t = out.shape[:2]
         out = checkpoint_name(out.reshape(b, t, attn.num_heads * attn.head_dim), "attention")
         x = checkpoint_name(x + attn.o_proj(out, r[3]), "residual")
-        x = x + self.mlp(self.post_attention_layernorm(x), r[4:])
-        return (x, None, None) if kv is None else (x, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x), r[4:])
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -347,14 +354,33 @@ class CausalLM(nnx.Module):
         if cache is None:
             keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
+            policy = REMAT_POLICIES[self.remat]
+
             def body(x, xs):
                 state, window, key = xs
                 block = nnx.merge(graphdef, state)
                 x, _, _ = block(x, window=window if use_window else None, kv=None, rng=key, **common)
                 return x, None
 
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, (layer_state, windows, keys))
+            def split_body(x, xs):
+                # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
+                # log-sum-exp); only the parts before and after it are under the remat policy.
+                state, window, key = xs
+                r = Block.dropout_keys(key)
+                q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
+                                         policy=policy, prevent_cse=False)(state, x)
+                out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                                kv_positions=positions, sliding_window=window if use_window else None,
+                                implementation=self.attn_implementation)
+                x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
+                                   policy=policy, prevent_cse=False)(state, x, out)
+                return x, None
+
+            if self.remat != "full" and self.attn_implementation in OWN_VJP:
+                step = split_body
+            else:
+                step = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(step, x, (layer_state, windows, keys))
             return x, None
 
         index = cache.index

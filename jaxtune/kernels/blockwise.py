@@ -1,0 +1,182 @@
+"""Blockwise attention in plain XLA: flash attention's algorithm without a custom kernel.
+
+Queries and keys are cut into blocks. For each query block, a loop over key blocks keeps a running
+max `m`, normaliser `l` and output accumulator (the online softmax), so memory is linear in the
+sequence length: no [T, S] score matrix exists, only one [q_block, kv_block] tile at a time. The
+custom VJP keeps only the output and the per-row log-sum-exp; the backward pass recomputes each
+tile's probabilities (the FlashAttention-2 backward):
+
+    P = exp(Q K^T * scale - lse)        dV += P^T dO        dP = dO V^T
+    dS = P * (dP - rowsum(dO * O))      dQ += dS K * scale  dK += dS^T Q * scale
+
+Tiles whose mask is empty (above the causal diagonal, between two packed samples, outside a
+sliding window) are skipped with `lax.cond`, in both passes: a packed batch of short samples costs
+what its samples cost, not the square of the row. The mask of a tile comes from the same
+`attention_mask` rule as the reference, so every case the reference expresses (causal, segment
+ids, positions, sliding windows, GQA) this backend expresses too.
+
+GQA: queries are grouped over the K/V heads ([B, T, K, G, H]); K and V are never repeated.
+Shapes are padded up to whole blocks with segment ids no real token has (-1 for keys, -2 for
+queries), so padded keys are never attended and padded query rows are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.kernels.attention import attention_mask
+
+Q_BLOCK = 512
+KV_BLOCK = 512
+
+
+def _pad_to(x: jax.Array, length: int, fill) -> jax.Array:
+    extra = length - x.shape[1]
+    if not extra:
+        return x
+    widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _tile_mask(rule, qs, ks, i, j, bq, bk):
+    """[B, bq, bk] mask of query block i against key block j. `rule` = (window array, causal,
+    use_window)."""
+    window, causal, use_window = rule
+    q_seg, q_pos = (jax.lax.dynamic_slice_in_dim(a, i * bq, bq, axis=1) for a in qs)
+    k_seg, k_pos = (jax.lax.dynamic_slice_in_dim(a, j * bk, bk, axis=1) for a in ks)
+    return attention_mask(q_seg, k_seg, q_pos, k_pos, causal=causal, sliding_window=window if use_window else None)
+
+
+def _scores(q_blk, k_blk, scale):
+    """[B, K, G, bq, bk] float32 scores of q [B, bq, K, G, H] against k [B, bk, K, H]."""
+    return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * jnp.float32(scale)
+
+
+def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
+    """Output [B, Tp, K, G, H] (q's dtype) and log-sum-exp [B, K, G, Tp] (float32)."""
+    b, tp, kh, g, h = q.shape
+    n_kv = k.shape[1] // bk
+
+    def q_block(i):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+
+        def kv_step(j, carry):
+            def compute(carry):
+                m, l, acc = carry
+                k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+                v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+                s = _scores(q_blk, k_blk, scale)
+                allowed = mask[:, None, None]
+                m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
+                correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+                l = l * correction + jnp.sum(p, axis=-1)
+                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+                return m_new, l, acc * correction[..., None] + pv
+
+            mask = _tile_mask(rule, qs, ks, i, j, bq, bk)
+            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
+
+        init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
+                jnp.zeros((b, kh, g, bq, h), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, n_kv, kv_step, init)
+        empty = l == 0  # padded query rows: nothing to attend
+        l_safe = jnp.where(empty, 1.0, l)
+        out = (acc / l_safe[..., None]).astype(q.dtype)  # [B, K, G, bq, H]
+        lse = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe))
+        return jnp.transpose(out, (0, 3, 1, 2, 4)), lse
+
+    outs, lses = jax.lax.map(q_block, jnp.arange(tp // bq))  # [nq, B, bq, K, G, H], [nq, B, K, G, bq]
+    out = jnp.moveaxis(outs, 0, 1).reshape(b, tp, kh, g, h)
+    lse = jnp.moveaxis(lses, 0, 3).reshape(b, kh, g, tp)
+    return out, lse
+
+
+def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk):
+    b, tp, kh, g, h = q.shape
+    n_q, n_kv = tp // bq, k.shape[1] // bk
+    # rowsum(dO * O): [B, K, G, Tp]
+    delta = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+    def kv_block(j):
+        """dK, dV of key block j, and this block's contribution to dQ (all query blocks)."""
+        k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+
+        def q_step(i, carry):
+            def compute(carry):
+                dk, dv, dq = carry
+                q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+                do_blk = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
+                lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+                delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+                s = _scores(q_blk, k_blk, scale)
+                p = jnp.where(mask[:, None, None], jnp.exp(s - lse_blk[..., None]), 0.0)  # [B,K,G,bq,bk]
+                dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_blk.dtype), do_blk,
+                                     preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_blk[..., None]) * jnp.float32(scale)).astype(q.dtype)
+                dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_blk, preferred_element_type=jnp.float32)
+                dq_blk = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_blk, preferred_element_type=jnp.float32)
+                current = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, current + dq_blk, i * bq, axis=1)
+                return dk, dv, dq
+
+            mask = _tile_mask(rule, qs, ks, i, j, bq, bk)
+            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
+
+        zeros_kv = jnp.zeros((b, bk, kh, h), jnp.float32)
+        return jax.lax.fori_loop(0, n_q, q_step, (zeros_kv, zeros_kv, jnp.zeros(q.shape, jnp.float32)))
+
+    def accumulate(dq, j):
+        dk, dv, dq_j = kv_block(j)
+        return dq + dq_j, (dk, dv)
+
+    # Key blocks in sequence; dQ summed over them (one query-sized accumulator).
+    dq, (dks, dvs) = jax.lax.scan(accumulate, jnp.zeros(q.shape, jnp.float32), jnp.arange(n_kv))
+    dk = jnp.moveaxis(dks, 0, 1).reshape(b, n_kv * bk, kh, h)
+    dv = jnp.moveaxis(dvs, 0, 1).reshape(b, n_kv * bk, kh, h)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk):
+    return _forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk)[0]
+
+
+def _attention_fwd(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk):
+    out, lse = _forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk)
+    return out, (q, k, v, qs, ks, window, out, lse)
+
+
+def _attention_bwd(causal, use_window, scale, bq, bk, res, d_out):
+    q, k, v, qs, ks, window, out, lse = res
+    dq, dk, dv = _backward(q, k, v, qs, ks, out, lse, d_out, (window, causal, use_window), scale, bq, bk)
+    return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                        causal: bool, sliding_window, scale: float, q_block: int | None = None,
+                        kv_block: int | None = None):
+    """Attention of q [B, T, N, H] over k, v [B, S, K, H] in tiles, masked by
+    `jaxtune.kernels.attention.attention_mask` (same arguments). Returns [B, T, N, H] in q's dtype."""
+    b, t, n, h = q_btnh.shape
+    s, kh = k_bskh.shape[1], k_bskh.shape[2]
+    bq, bk = min(q_block or Q_BLOCK, t), min(kv_block or KV_BLOCK, s)
+    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+    q = _pad_to(q_btnh.reshape(b, t, kh, n // kh, h), tp, 0)
+    k, v = _pad_to(k_bskh, sp, 0), _pad_to(v_bskh, sp, 0)
+    qs = (_pad_to(q_segment_ids.astype(jnp.int32), tp, -2), _pad_to(q_positions.astype(jnp.int32), tp, 0))
+    ks = (_pad_to(kv_segment_ids.astype(jnp.int32), sp, -1), _pad_to(kv_positions.astype(jnp.int32), sp, 0))
+    use_window = sliding_window is not None
+    window = jnp.asarray(sliding_window if use_window else 0, jnp.int32)
+    out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), qs, ks, window, causal, use_window, float(scale),
+                     bq, bk)
+    return out[:, :t].reshape(b, t, n, h)

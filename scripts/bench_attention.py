@@ -1,0 +1,99 @@
+"""Attention benchmark: forward + backward time and memory of each backend across sequence lengths.
+
+One SmolLM2 attention layer's shapes (9 query heads over 3 K/V heads, head_dim 64), one row of
+`seq` tokens, causal, as one packed sample (`--packed N` cuts the row into N samples instead, so
+the blockwise backend can skip the tiles between them). For each backend the jitted function
+computes the output and dq, dk, dv. Reported per backend and length:
+
+  - time: the best of --reps runs after one warm-up (compile excluded);
+  - memory: XLA's own accounting of the compiled function (temporary buffers + arguments + outputs,
+    `compiled.memory_analysis()`), which is what the step adds on top of the model.
+
+A backend whose memory would exceed --limit-gb is not run ("too big"). On CPU the backends are
+`xla` (the reference: [seq, seq] scores per head) and `blockwise`; on a GPU the same script times
+whichever of jaxtune's backends the platform has.
+
+    .venv/bin/python scripts/bench_attention.py [--lengths 512,1024,2048,4096,8192] [--packed 1]
+                                                [--dtype float32] [--reps 3] [--limit-gb 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.kernels.attention import IMPLEMENTATIONS, attention
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+
+
+def inputs(seq: int, packed: int, dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (1, seq, HEADS, HEAD_DIM), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (1, seq, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (1, seq, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
+    bounds = np.linspace(0, seq, packed + 1).astype(int)
+    seg = np.zeros((1, seq), np.int32)
+    pos = np.zeros((1, seq), np.int32)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seg[0, a:b], pos[0, a:b] = i + 1, np.arange(b - a)
+    return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
+
+
+def fwd_bwd(impl: str):
+    def loss(q, k, v, seg, pos):
+        out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos,
+                        implementation=impl)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def measure(impl: str, args_, reps: int, limit_gb: float) -> tuple[float | None, float]:
+    fn = fwd_bwd(impl)
+    compiled = fn.lower(*args_).compile()
+    mem = compiled.memory_analysis()
+    gb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
+    if gb > limit_gb:
+        return None, gb
+    jax.block_until_ready(compiled(*args_))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args_))
+        times.append(time.perf_counter() - t0)
+    return min(times), gb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    parser.add_argument("--packed", type=int, default=1, help="samples packed into the row (default 1)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--limit-gb", type=float, default=12.0, help="skip a run needing more (default 12)")
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    backends = list(IMPLEMENTATIONS)
+    print(f"attention fwd+bwd, 1 x seq tokens, {HEADS} heads / {KV_HEADS} KV heads x {HEAD_DIM}, causal, "
+          f"{args.packed} sample(s) per row, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}; "
+          "time ms (memory GB)")
+    print(f"{'seq':>7}" + "".join(f"{b:>24}" for b in backends) + f"{'xla/blockwise time':>20}")
+    for seq in (int(x) for x in args.lengths.split(",")):
+        data = inputs(seq, args.packed, dtype)
+        row, times = f"{seq:>7}", {}
+        for impl in backends:
+            t, gb = measure(impl, data, args.reps, args.limit_gb)
+            times[impl] = t
+            row += f"{'too big':>14} ({gb:6.2f})" if t is None else f"{t * 1e3:>14.1f} ({gb:6.2f})"
+        if times.get("xla") and times.get("blockwise"):
+            row += f"{times['xla'] / times['blockwise']:>19.2f}x"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
