@@ -41,13 +41,19 @@ def _pad_to(x: jax.Array, length: int, fill) -> jax.Array:
     return jnp.pad(x, widths, constant_values=fill)
 
 
-def _tile_mask(rule, qs, ks, i, j, bq, bk):
-    """[B, bq, bk] mask of query block i against key block j. `rule` = (window array, causal,
-    use_window)."""
+def _block(x: jax.Array, i, size: int, axis: int = 1) -> jax.Array:
+    """Block i (of `size` entries) of x along `axis`."""
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
+def _unless_masked(tile, rule, qs, ks, i, j, bq, bk, carry):
+    """`tile(mask, carry)` for query block i and key block j, skipped (carry returned unchanged)
+    when the tile's [B, bq, bk] mask is empty. `rule` = (window array, causal, use_window)."""
     window, causal, use_window = rule
-    q_seg, q_pos = (jax.lax.dynamic_slice_in_dim(a, i * bq, bq, axis=1) for a in qs)
-    k_seg, k_pos = (jax.lax.dynamic_slice_in_dim(a, j * bk, bk, axis=1) for a in ks)
-    return attention_mask(q_seg, k_seg, q_pos, k_pos, causal=causal, sliding_window=window if use_window else None)
+    q_seg, q_pos = (_block(a, i, bq) for a in qs)
+    k_seg, k_pos = (_block(a, j, bk) for a in ks)
+    mask = attention_mask(q_seg, k_seg, q_pos, k_pos, causal=causal, sliding_window=window if use_window else None)
+    return jax.lax.cond(jnp.any(mask), lambda c: tile(mask, c), lambda c: c, carry)
 
 
 def _scores(q_blk, k_blk, scale):
@@ -61,14 +67,13 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
     n_kv = k.shape[1] // bk
 
     def q_block(i):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        q_blk = _block(q, i, bq)
 
         def kv_step(j, carry):
-            def compute(carry):
+            def tile(mask, carry):
                 m, l, acc = carry
-                k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-                v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-                s = _scores(q_blk, k_blk, scale)
+                v_blk = _block(v, j, bk)
+                s = _scores(q_blk, _block(k, j, bk), scale)
                 allowed = mask[:, None, None]
                 m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -78,8 +83,7 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
                 pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
                 return m_new, l, acc * correction[..., None] + pv
 
-            mask = _tile_mask(rule, qs, ks, i, j, bq, bk)
-            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
+            return _unless_masked(tile, rule, qs, ks, i, j, bq, bk, carry)
 
         init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
                 jnp.zeros((b, kh, g, bq, h), jnp.float32))
@@ -104,16 +108,13 @@ def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk):
 
     def kv_block(j):
         """dK, dV of key block j, and this block's contribution to dQ (all query blocks)."""
-        k_blk = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-        v_blk = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        k_blk, v_blk = _block(k, j, bk), _block(v, j, bk)
 
         def q_step(i, carry):
-            def compute(carry):
+            def tile(mask, carry):
                 dk, dv, dq = carry
-                q_blk = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
-                do_blk = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
-                lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
-                delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+                q_blk, do_blk = _block(q, i, bq), _block(d_out, i, bq)
+                lse_blk, delta_blk = _block(lse, i, bq, axis=3), _block(delta, i, bq, axis=3)
                 s = _scores(q_blk, k_blk, scale)
                 p = jnp.where(mask[:, None, None], jnp.exp(s - lse_blk[..., None]), 0.0)  # [B,K,G,bq,bk]
                 dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_blk.dtype), do_blk,
@@ -122,12 +123,10 @@ def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk):
                 ds = (p * (dp - delta_blk[..., None]) * jnp.float32(scale)).astype(q.dtype)
                 dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_blk, preferred_element_type=jnp.float32)
                 dq_blk = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_blk, preferred_element_type=jnp.float32)
-                current = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, current + dq_blk, i * bq, axis=1)
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_blk, i * bq, axis=1)
                 return dk, dv, dq
 
-            mask = _tile_mask(rule, qs, ks, i, j, bq, bk)
-            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
+            return _unless_masked(tile, rule, qs, ks, i, j, bq, bk, carry)
 
         zeros_kv = jnp.zeros((b, bk, kh, h), jnp.float32)
         return jax.lax.fori_loop(0, n_q, q_step, (zeros_kv, zeros_kv, jnp.zeros(q.shape, jnp.float32)))
