@@ -102,6 +102,12 @@ def test_bf16_close_to_fp32():
 
 
 def test_default_chunk_size():
+    # Never longer than the input: a small vocabulary's chunk (2**16 tokens at V=131) must not pad
+    # 45 tokens up to a whole chunk.
+    hidden, head, targets, weights, _ = _inputs()
+    assert default_chunk_size(V) == 2**16
+    hlo = jax.jit(lambda h: linear_cross_entropy(h, head, targets, weights)).lower(hidden).as_text()
+    assert f"{2**16}x" not in hlo
     assert default_chunk_size(49152) == 256
     assert default_chunk_size(151936) == 64
     assert default_chunk_size(10**9) == 16

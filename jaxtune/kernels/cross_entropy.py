@@ -134,7 +134,7 @@ def linear_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
     hidden [N, D]; targets [N] int; weights [N] float (0 drops a token, whatever its target);
     head [V, D] (`vocab_axis=0`) or [D, V] (`vocab_axis=1`). Differentiable w.r.t. hidden and head.
     """
-    chunk = chunk_size or default_chunk_size(head.shape[vocab_axis])
+    chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
     targets = jnp.where(weights != 0, targets, 0).astype(jnp.int32)
     return _ce_sum(hidden, head, targets, weights.astype(jnp.float32), chunk, vocab_axis)
 
@@ -195,5 +195,5 @@ def linear_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array
                           chunk_size: int | None = None) -> jax.Array:
     """log softmax(hidden[t] @ head)[targets[t]] for each token t: [N] float32 (shapes as in
     `linear_cross_entropy`). Differentiable w.r.t. hidden and head."""
-    chunk = chunk_size or default_chunk_size(head.shape[vocab_axis])
+    chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
     return _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis)

@@ -65,7 +65,3 @@ class ModelConfig:
     @property
     def source_config(self) -> dict[str, Any]:
         return json.loads(self.source_config_json)
-
-    @property
-    def has_sliding_window(self) -> bool:
-        return any(w is not None for w in self.sliding_windows)

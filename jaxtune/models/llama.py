@@ -38,7 +38,8 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 # What the backward pass keeps of each layer's forward (see jax.checkpoint_policies):
 # - "none" (gradient checkpointing off): every matmul output a layer's backward needs (the named
 #   projections below, the attention output and the mid-layer residual); only elementwise work
-#   (norms, RoPE, SiLU, softmax) and the attention scores are recomputed. Keeping those too, as
+#   (norms, RoPE, SiLU) and, with `xla` attention, the scores are recomputed (backends in OWN_VJP
+#   run outside the remat region and keep their own residuals). Keeping those too, as
 #   plain autodiff does, stores ~3x more per layer and is slower on CPU, where the step is bound by
 #   memory traffic, and it buys no matmul.
 # - "dots": every matmul output without batch dimensions (jax's policy of that name).
@@ -346,8 +347,11 @@ class CausalLM(nnx.Module):
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
         cos, sin = rope_lib.cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        # Each layer's window (0 = none) is always passed as a traced scan input, even when no layer
+        # has one: masks that depended only on loop-invariant segment ids and positions were hoisted
+        # out of the layer scan by XLA and stacked over every attention tile, O(T^2) memory
+        # (26.7 GB at 8k tokens with blockwise attention).
         windows = jnp.asarray([w or 0 for w in cfg.sliding_windows], jnp.int32)
-        use_window = cfg.has_sliding_window
         graphdef, layer_state = nnx.split(self.layers)
         common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
 
@@ -359,7 +363,7 @@ class CausalLM(nnx.Module):
             def body(x, xs):
                 state, window, key = xs
                 block = nnx.merge(graphdef, state)
-                x, _, _ = block(x, window=window if use_window else None, kv=None, rng=key, **common)
+                x, _, _ = block(x, window=window, kv=None, rng=key, **common)
                 return x, None
 
             def split_body(x, xs):
@@ -370,7 +374,7 @@ class CausalLM(nnx.Module):
                 q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
                                          policy=policy, prevent_cse=False)(state, x)
                 out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                kv_positions=positions, sliding_window=window if use_window else None,
+                                kv_positions=positions, sliding_window=window,
                                 implementation=self.attn_implementation)
                 x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
                                    policy=policy, prevent_cse=False)(state, x, out)
@@ -392,7 +396,7 @@ class CausalLM(nnx.Module):
             state, window, layer = xs
             block = nnx.merge(graphdef, state)
             kv = (k_all, v_all, layer, index, kv_positions, kv_segments)
-            x, k_all, v_all = block(x, window=window if use_window else None, kv=kv, **common)
+            x, k_all, v_all = block(x, window=window, kv=kv, **common)
             return (x, k_all, v_all), None
 
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
