@@ -197,3 +197,18 @@ def test_training_config_errors():
         build_config({"lora_target_linear": True})
     cfg = build_config({"flash_attention": True, "sequence_parallel_degree": 1, "tf32": True, "deepspeed": "z3.json"})
     assert cfg.attn_implementation == "flash_attention_2" and cfg.context_parallel_size == 1
+    with pytest.raises(ConfigError, match="chunked_cross_entropy and use_cut_cross_entropy"):
+        build_config({"chunked_cross_entropy": True, "use_cut_cross_entropy": False})
+
+
+def test_kernel_keys_pick_the_backends():
+    from jaxtune.build import resolve_attention, resolve_chunked_loss
+
+    assert resolve_chunked_loss(build_config({})) is True
+    assert resolve_chunked_loss(build_config({"use_cut_cross_entropy": False})) is False
+    assert resolve_chunked_loss(build_config({"chunked_cross_entropy": False})) is False
+    expected = {"auto": "blockwise", "sdpa": "blockwise", "flash_attention_2": "blockwise", "eager": "xla",
+                "xla": "xla", "blockwise": "blockwise"}
+    for key, backend in expected.items():
+        assert resolve_attention(build_config({"attn_implementation": key})) == backend
+    assert resolve_attention(build_config({"flash_attention": True})) == "blockwise"
