@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxtune import bundled
 from jaxtune.checkpoint.hf import load_model
 from jaxtune.errors import JaxtuneError
-from jaxtune.kernels.attention import IMPLEMENTATIONS
+from jaxtune.kernels.attention import IMPLEMENTATIONS, best_backend
 from jaxtune.logging import info, warn_once
 from jaxtune.peft import lora
 
@@ -45,13 +45,13 @@ def resolve_precision(cfg) -> Precision:
 
 def resolve_attention(cfg) -> str:
     """jaxtune's backend for `attn_implementation`. `auto` and HF's fused-kernel names (sdpa,
-    flash_attention_2/3, flex_attention, xformers) take the best backend of this release on every
-    platform, `blockwise` (memory linear in the sequence, masked tiles skipped; on CPU it is also the
-    faster at 256 tokens); HF's `eager` is the plain reference, `xla`."""
+    flash_attention_2/3, flex_attention, xformers) take the platform's best backend (`pallas` on
+    GPUs, `blockwise` elsewhere: memory linear in the sequence, masked tiles skipped; on CPU it is
+    also the faster at 256 tokens); HF's `eager` is the plain reference, `xla`."""
     requested = cfg.attn_implementation
     if requested in IMPLEMENTATIONS:
         return requested
-    chosen = "xla" if requested == "eager" else "blockwise"
+    chosen = "xla" if requested == "eager" else best_backend()
     if requested != "auto":
         info(f"attn_implementation: {requested} runs as jaxtune's {chosen!r} attention")
     return chosen

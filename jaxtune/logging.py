@@ -11,6 +11,7 @@ import sys
 
 logger = _logging.getLogger("jaxtune")
 _warned: set[str] = set()
+_told: set[str] = set()
 
 
 def _ensure_handler() -> None:
@@ -26,6 +27,13 @@ def _ensure_handler() -> None:
 def info(message: str) -> None:
     _ensure_handler()
     logger.info(message)
+
+
+def info_once(message: str) -> None:
+    """An info line emitted once per process (a backend fallback noticed at every trace)."""
+    if message not in _told:
+        _told.add(message)
+        info(message)
 
 
 def warn_once(message: str) -> None:

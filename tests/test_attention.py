@@ -109,18 +109,33 @@ def _run(impl, q, k, v, seg, pos, window, **kw):
     return out, grads
 
 
-BACKENDS = [name for name in ("blockwise",)]
+ON_GPU = jax.default_backend() == "gpu"
+# Every backend runs here: the Pallas kernel in interpret mode off-GPU; cuDNN only on a GPU.
+BACKENDS = ["blockwise", "pallas"] + (["cudnn"] if ON_GPU else [])
+
+
+def _small_tiles(monkeypatch):
+    """Small tiles so that the 45 tokens span several (and a partial last) tile in each direction;
+    the Pallas kernel also runs off-GPU (interpreted)."""
+    import jaxtune.kernels.attention as attention_mod
+    import jaxtune.kernels.blockwise as blockwise
+    import jaxtune.kernels.pallas_gpu as pallas_gpu
+
+    monkeypatch.setattr(blockwise, "Q_BLOCK", 16)
+    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
+    # Triton's matrix products need blocks of at least 16 on a GPU.
+    small = 16 if ON_GPU else 8
+    for name, size in (("BLOCK_Q", 2 * small), ("BLOCK_K", small), ("BWD_OUTER", 2 * small), ("BWD_INNER", small)):
+        monkeypatch.setattr(pallas_gpu, name, size)
+    if not ON_GPU:
+        monkeypatch.setitem(attention_mod._PLATFORMS, "pallas", (jax.default_backend(),))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["causal", "packed", "window"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_backend_matches_reference(backend, kind, dtype, tol, monkeypatch):
-    import jaxtune.kernels.blockwise as blockwise
-
-    # Small tiles so that the 45 tokens span several (and a partial last) tile in each direction.
-    monkeypatch.setattr(blockwise, "Q_BLOCK", 16)
-    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
+    _small_tiles(monkeypatch)
     case = _case(kind, dtype)
     out, grads = _run(backend, *case)
     ref_out, ref_grads = _run("xla", *(x.astype(jnp.float32) if hasattr(x, "astype") and x.dtype == dtype else x
@@ -132,18 +147,110 @@ def test_backend_matches_reference(backend, kind, dtype, tol, monkeypatch):
         assert np.abs(got - want).max() <= tol * scale, (name, float(np.abs(got - want).max()))
 
 
-def test_blockwise_skips_fully_masked_tiles(monkeypatch):
+@pytest.mark.parametrize("backend", ["blockwise", "pallas"])
+def test_backend_skips_fully_masked_tiles(backend, monkeypatch):
     """A tile no query may attend is never computed: NaN keys/values there leave the outputs (and the
     gradients) of queries that cannot see them finite. The reference computes every tile (0 * NaN)."""
     import jaxtune.kernels.blockwise as blockwise
+    import jaxtune.kernels.pallas_gpu as pallas_gpu
 
-    monkeypatch.setattr(blockwise, "Q_BLOCK", 8)
-    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
+    _small_tiles(monkeypatch)
+    for module, names in ((blockwise, ("Q_BLOCK", "KV_BLOCK")),
+                          (pallas_gpu, ("BLOCK_Q", "BLOCK_K", "BWD_OUTER", "BWD_INNER"))):
+        for name in names:
+            monkeypatch.setattr(module, name, 8 if not ON_GPU else 16)
+    edge = 8 if not ON_GPU else 16
     q, k, v, seg, pos, _ = _case("causal", jnp.float32)
-    k = k.at[:, 8:].set(jnp.nan)
-    v = v.at[:, 8:].set(jnp.nan)
-    out, (dq, _, _) = _run("blockwise", q, k, v, seg, pos, None)
-    # Causal: queries 0..7 (tile 0) only see key tile 0.
-    assert np.isfinite(np.asarray(out[:, :8])).all() and np.isfinite(np.asarray(dq[:, :8])).all()
+    k = k.at[:, edge:].set(jnp.nan)
+    v = v.at[:, edge:].set(jnp.nan)
+    out, (dq, _, _) = _run(backend, q, k, v, seg, pos, None)
+    # Causal: the queries of tile 0 only see key tile 0.
+    assert np.isfinite(np.asarray(out[:, :edge])).all() and np.isfinite(np.asarray(dq[:, :edge])).all()
     ref_out, _ = _run("xla", q, k, v, seg, pos, None)
-    assert not np.isfinite(np.asarray(ref_out[:, :8])).all()
+    assert not np.isfinite(np.asarray(ref_out[:, :edge])).all()
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None), (False, 9)])
+def test_pallas_block_ranges_cover_every_allowed_tile_and_unmask_only_full_ones(causal, window):
+    """The Pallas kernel computes only the tiles its tables list, and masks none of the "full" run:
+    so every tile with an allowed pair must be listed, and every unmasked tile fully allowed.
+    Checked against the real mask for packed rows of random lengths (and a padded tail)."""
+    from jaxtune.kernels.pallas_gpu import block_ranges
+
+    rng = np.random.default_rng(1)
+    b, length, bq, bk = 3, 96, 16, 8
+    seg, pos = np.zeros((b, length), np.int32), np.zeros((b, length), np.int32)
+    for row in range(b):
+        start = 0
+        while start < length - 10:
+            n_tok = int(rng.integers(1, 40))
+            seg[row, start:start + n_tok] = seg[row, max(start - 1, 0)] + 1
+            pos[row, start:start + n_tok] = np.arange(len(seg[row, start:start + n_tok]))
+            start += n_tok
+        seg[row, start:] = -1 if row else 0  # a padded tail: the kernel's own padding, or the data's
+    q_seg = np.where(seg == -1, -2, seg)  # the kernel pads queries with -2, keys with -1
+    qs, ks = (jnp.asarray(q_seg), jnp.asarray(pos)), (jnp.asarray(seg), jnp.asarray(pos))
+    w = jnp.asarray(window or 0, jnp.int32)
+    q_table, k_table = (np.asarray(t) for t in block_ranges(qs, ks, (w, causal, window is not None), bq, bk))
+    mask = np.asarray(attention_mask(qs[0], ks[0], qs[1], ks[1], causal=causal, sliding_window=window))
+    tiles = mask.reshape(b, length // bq, bq, length // bk, bk).transpose(0, 1, 3, 2, 4)  # [B, nq, nk, bq, bk]
+    some, every = tiles.any((-1, -2)), tiles.all((-1, -2))
+    for table, some_, every_ in ((q_table, some, every), (k_table, some.swapaxes(1, 2), every.swapaxes(1, 2))):
+        first, f_first, f_end, end = np.moveaxis(table, -1, 0)
+        index = np.arange(some_.shape[-1])
+        listed = (index >= first[..., None]) & (index < end[..., None])
+        unmasked = (index >= f_first[..., None]) & (index < f_end[..., None])
+        assert not (some_ & ~listed).any(), "a tile with an allowed pair is not listed"
+        assert not (unmasked & ~every_).any(), "a tile run without its mask is not fully allowed"
+        assert (unmasked <= listed).all()
+        assert unmasked.sum() >= 0.5 * every_.sum()  # and the unmasked run is not trivially empty
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed", "window"])
+def test_tpu_splash_path_matches_reference(kind):
+    """The `pallas` backend's TPU path (JAX's splash attention, interpreted here) against the reference,
+    forward and gradients, on the rows it defines (padding rows are nobody's output: their loss
+    weight is 0); GQA 9/3 through its MQA form."""
+    from jaxtune.kernels.splash_tpu import splash_attention
+
+    q, k, v, seg, pos, window = _case(kind, jnp.float32)
+    weight = (seg != 0)[:, :, None, None] * jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos, causal=True,
+              sliding_window=window, scale=q.shape[-1] ** -0.5)
+
+    def fallback(q, *args, **kwargs):  # traced in either case (lax.cond); NaN if it ever runs here
+        return jnp.full_like(q, jnp.nan)
+
+    def run(fn):
+        def loss(q, k, v):
+            out = fn(q, k, v)
+            return jnp.sum(out * weight), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out * (seg != 0)[:, :, None, None], grads
+
+    got = run(lambda q, k, v: splash_attention(q, k, v, fallback=fallback, fallback_name="none", interpret=True, **kw))
+    want = run(lambda q, k, v: attention(q, k, v, implementation="xla", **kw))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_tpu_splash_path_falls_back_where_it_cannot_express_the_mask():
+    """Positions that do not count up within a sample (splash masks by index) and per-layer traced
+    windows run the fallback, which must then give the reference's answer."""
+    from jaxtune.kernels.blockwise import blockwise_attention
+    from jaxtune.kernels.splash_tpu import positions_count_up, splash_attention
+
+    q, k, v, seg, pos, _ = _case("packed", jnp.float32)
+    assert bool(positions_count_up(seg, pos))
+    shifted = pos.at[:, 3].add(5)
+    assert not bool(positions_count_up(seg, shifted))
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=shifted, kv_positions=shifted, causal=True,
+              scale=0.125)
+    got = splash_attention(q, k, v, sliding_window=None, fallback=blockwise_attention, fallback_name="blockwise",
+                           interpret=True, **kw)
+    want = attention(q, k, v, implementation="xla", sliding_window=None, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    traced = jax.jit(lambda w: splash_attention(q, k, v, sliding_window=w, fallback=blockwise_attention,
+                                                fallback_name="blockwise", interpret=True, **kw))(jnp.int32(4))
+    np.testing.assert_allclose(np.asarray(traced),
+                               np.asarray(attention(q, k, v, implementation="xla", sliding_window=4, **kw)), atol=1e-5)

@@ -183,15 +183,20 @@ def test_sft_loss_formula_and_segment_boundaries(tiny_dir, chunked):
     np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attn,remat", [("blockwise", "none"), ("blockwise", "full"), ("xla", "dots"),
-                                        ("xla", "full")])
+@pytest.mark.parametrize("attn,remat", [("blockwise", "none"), ("blockwise", "full"), ("pallas", "none"),
+                                        ("xla", "dots"), ("xla", "full")])
 def test_attention_backends_and_remat_train_like_the_reference(tiny_dir, attn, remat, monkeypatch):
-    """Three LoRA steps on packed rows with each CPU attention backend and remat policy give the
-    reference's (xla attention, default policy) losses and adapters."""
+    """Three LoRA steps on packed rows with each attention backend (the Pallas kernel interpreted off
+    GPU) and remat policy give the reference's (xla attention, default policy) losses and adapters."""
+    import jaxtune.kernels.attention as attention_mod
     import jaxtune.kernels.blockwise as blockwise
+    import jaxtune.kernels.pallas_gpu as pallas_gpu
 
-    monkeypatch.setattr(blockwise, "Q_BLOCK", 8)  # several tiles, some skipped, over 24 tokens
-    monkeypatch.setattr(blockwise, "KV_BLOCK", 8)
+    # Several tiles, some skipped, over 24 tokens (Triton's matrix products need 16 on a GPU).
+    for module, name in ((blockwise, "Q_BLOCK"), (blockwise, "KV_BLOCK"), (pallas_gpu, "BLOCK_Q"),
+                         (pallas_gpu, "BLOCK_K"), (pallas_gpu, "BWD_OUTER"), (pallas_gpu, "BWD_INNER")):
+        monkeypatch.setattr(module, name, 16 if jax.default_backend() == "gpu" else 8)
+    monkeypatch.setitem(attention_mod._PLATFORMS, "pallas", (jax.default_backend(),))
 
     def packed(seed):
         b = _batch(seed)

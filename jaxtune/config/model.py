@@ -11,8 +11,8 @@ from jaxtune.logging import warn_once
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
-ATTN_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
-                        "xformers")
+ATTN_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas", "cudnn", "eager", "sdpa", "flash_attention_2",
+                        "flash_attention_3", "flex_attention", "xformers")
 
 
 class ModelKeys(Section):
@@ -26,8 +26,8 @@ class ModelKeys(Section):
     bfloat16: bool | None = Field(None, description="Store every parameter in bf16 (same as bf16: full).")
     float16: bool | None = Field(None, description="Mapped to bfloat16.")
     attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(  # type: ignore[valid-type]
-        "auto", description="Attention kernel; HF names (eager, sdpa, flash_attention_2, ...) map to jaxtune's "
-        "backends.")
+        "auto", description="Attention kernel: auto (pallas on GPUs, blockwise elsewhere), xla (reference), "
+        "blockwise, pallas, cudnn; HF names (eager, sdpa, flash_attention_2, ...) map to jaxtune's backends.")
     gradient_checkpointing: bool | Literal["full", "dots", "none"] = Field(
         False, description="Rematerialise activations in the backward pass: true/full recomputes each layer, "
         "`dots` keeps matmul outputs.")

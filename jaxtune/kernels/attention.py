@@ -20,9 +20,16 @@ Token 3 (first token of sample 2) sees only itself; token 2 sees tokens 0..2.
 Grouped-query attention is computed by grouping query heads over the K/V heads (a reshape), never
 by materialising repeated K/V.
 
-Backends: `xla` (this file's reference, exact, memory O(T*S)); `blockwise` (jaxtune.kernels.blockwise:
-the same rule applied tile by tile with an online softmax and a recomputing backward, memory linear
-in T, empty tiles skipped). Each is tested against `xla`.
+Backends, each tested against `xla`:
+- `xla`: this file's reference, exact, memory O(T*S); any platform.
+- `blockwise` (jaxtune.kernels.blockwise): the same rule tile by tile in plain XLA with an online
+  softmax and a recomputing backward, memory linear in T, empty tiles skipped; any platform.
+- `pallas`: on GPUs our Pallas (Triton) flash-attention kernel (jaxtune.kernels.pallas_gpu), forward
+  and backward, GQA, segment-aware block skipping, sliding windows; on TPUs JAX's splash attention
+  (jaxtune.kernels.splash_tpu) where it expresses the mask, else `blockwise`.
+- `cudnn` (jaxtune.kernels.cudnn): cuDNN's fused attention where it can express the mask (bf16/fp16
+  rows of one sample), else the `pallas` kernel; GPUs.
+A backend the platform lacks runs `blockwise` instead, and says so once in the log.
 """
 
 from __future__ import annotations
@@ -31,11 +38,33 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.logging import info_once
 
-IMPLEMENTATIONS = ("xla", "blockwise")
+IMPLEMENTATIONS = ("xla", "blockwise", "pallas", "cudnn")
 # Backends with a custom VJP that keeps only q, k, v, the output and the log-sum-exp: a model runs
 # them outside its remat region (rematerialising them would recompute the whole forward).
-OWN_VJP = frozenset({"blockwise"})
+OWN_VJP = frozenset({"blockwise", "pallas", "cudnn"})
+# Backends that build their tile masks in XLA: a model passes them each layer's window as a traced
+# value even when it is constant (else XLA hoists the loop-invariant tile masks out of the layer
+# scan and stacks them, O(T^2) memory). The others take a static window where the model has one.
+TRACED_WINDOW = frozenset({"blockwise"})
+_PLATFORMS = {"pallas": ("gpu", "tpu"), "cudnn": ("gpu",)}  # backends that need a given platform
+
+
+def platform_backend(implementation: str, platform: str | None = None) -> str:
+    """The backend that runs `implementation` on `platform` (default: JAX's default backend):
+    itself, or `blockwise` where the platform lacks it (logged once)."""
+    platform = platform or jax.default_backend()
+    needs = _PLATFORMS.get(implementation)
+    if needs is None or platform in needs:
+        return implementation
+    info_once(f"attention: {implementation!r} needs a {' or '.join(needs).upper()}; running 'blockwise' on {platform}")
+    return "blockwise"
+
+
+def best_backend(platform: str | None = None) -> str:
+    """What `attn_implementation: auto` runs: the Pallas kernels on GPUs and TPUs, blockwise elsewhere."""
+    return "pallas" if (platform or jax.default_backend()) in ("gpu", "tpu") else "blockwise"
 
 
 def attention_mask(
@@ -100,12 +129,28 @@ def attention(
     if q_btnh.shape[2] % k_bskh.shape[2]:
         raise ValueError(f"{q_btnh.shape[2]} query heads is not a multiple of {k_bskh.shape[2]} kv heads")
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
+    implementation = platform_backend(implementation)
+    kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
     if implementation == "blockwise":
         from jaxtune.kernels.blockwise import blockwise_attention
 
-        return blockwise_attention(q_btnh, k_bskh, v_bskh, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                   q_positions=q_positions, kv_positions=kv_positions, causal=causal,
-                                   sliding_window=sliding_window, scale=scale)
+        return blockwise_attention(q_btnh, k_bskh, v_bskh, **kwargs)
+    if implementation == "pallas" and jax.default_backend() == "tpu":
+        from jaxtune.kernels.blockwise import blockwise_attention
+        from jaxtune.kernels.splash_tpu import splash_attention
+
+        return splash_attention(q_btnh, k_bskh, v_bskh, fallback=blockwise_attention, fallback_name="blockwise",
+                                **kwargs)
+    if implementation == "pallas":
+        from jaxtune.kernels.pallas_gpu import flash_attention
+
+        return flash_attention(q_btnh, k_bskh, v_bskh, **kwargs)
+    if implementation == "cudnn":
+        from jaxtune.kernels.cudnn import cudnn_attention
+        from jaxtune.kernels.pallas_gpu import flash_attention
+
+        return cudnn_attention(q_btnh, k_bskh, v_bskh, fallback=flash_attention, fallback_name="pallas", **kwargs)
     mask = attention_mask(
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, sliding_window=sliding_window
     )

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.kernels.attention import OWN_VJP, attention
+from jaxtune.kernels.attention import OWN_VJP, TRACED_WINDOW, attention
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.cache import KVCache
 from jaxtune.models.config import ModelConfig, RopeConfig
@@ -352,6 +352,13 @@ class CausalLM(nnx.Module):
         # out of the layer scan by XLA and stacked over every attention tile, O(T^2) memory
         # (26.7 GB at 8k tokens with blockwise attention).
         windows = jnp.asarray([w or 0 for w in cfg.sliding_windows], jnp.int32)
+        # Backends that mask inside their kernel take a static window where every layer has the
+        # same one (cuDNN can express only a static window).
+        static = len(set(cfg.sliding_windows)) == 1 and self.attn_implementation not in TRACED_WINDOW
+
+        def layer_window(traced):
+            return cfg.sliding_windows[0] if static else traced
+
         graphdef, layer_state = nnx.split(self.layers)
         common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
 
@@ -363,7 +370,7 @@ class CausalLM(nnx.Module):
             def body(x, xs):
                 state, window, key = xs
                 block = nnx.merge(graphdef, state)
-                x, _, _ = block(x, window=window, kv=None, rng=key, **common)
+                x, _, _ = block(x, window=layer_window(window), kv=None, rng=key, **common)
                 return x, None
 
             def split_body(x, xs):
@@ -374,7 +381,7 @@ class CausalLM(nnx.Module):
                 q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
                                          policy=policy, prevent_cse=False)(state, x)
                 out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                kv_positions=positions, sliding_window=window,
+                                kv_positions=positions, sliding_window=layer_window(window),
                                 implementation=self.attn_implementation)
                 x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
                                    policy=policy, prevent_cse=False)(state, x, out)
@@ -396,7 +403,7 @@ class CausalLM(nnx.Module):
             state, window, layer = xs
             block = nnx.merge(graphdef, state)
             kv = (k_all, v_all, layer, index, kv_positions, kv_segments)
-            x, k_all, v_all = block(x, window=window, kv=kv, **common)
+            x, k_all, v_all = block(x, window=layer_window(window), kv=kv, **common)
             return (x, k_all, v_all), None
 
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
