@@ -206,6 +206,8 @@ def test_pallas_block_ranges_cover_every_allowed_tile_and_unmask_only_full_ones(
         assert unmasked.sum() >= 0.5 * every_.sum()  # and the unmasked run is not trivially empty
 
 
+# The TPU path runs interpreted; on a GPU the interpreter is slow and tells nothing more.
+@pytest.mark.skipif(ON_GPU, reason="the TPU path is checked on CPU (interpreted)")
 @pytest.mark.parametrize("kind", ["causal", "packed", "window"])
 def test_tpu_splash_path_matches_reference(kind):
     """The `pallas` backend's TPU path (JAX's splash attention, interpreted here) against the reference,
@@ -234,6 +236,7 @@ def test_tpu_splash_path_matches_reference(kind):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the TPU path is checked on CPU (interpreted)")
 def test_tpu_splash_path_falls_back_where_it_cannot_express_the_mask():
     """Positions that do not count up within a sample (splash masks by index) and per-layer traced
     windows run the fallback, which must then give the reference's answer."""
@@ -254,3 +257,19 @@ def test_tpu_splash_path_falls_back_where_it_cannot_express_the_mask():
                                                 fallback_name="blockwise", interpret=True, **kw))(jnp.int32(4))
     np.testing.assert_allclose(np.asarray(traced),
                                np.asarray(attention(q, k, v, implementation="xla", sliding_window=4, **kw)), atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [128, 96, 40])
+def test_pallas_kernel_head_dims(head_dim, monkeypatch):
+    """The families' other head sizes: 128, and sizes that are no power of two (padded inside the
+    kernel call), forward and gradients against the reference on packed rows with a window."""
+    _small_tiles(monkeypatch)
+    rng = np.random.default_rng(head_dim)
+    b, t, n, kh = 1, 40, 4, 2
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, head_dim)), jnp.float32) for heads in (n, kh, kh))
+    seg = jnp.asarray([[1] * 17 + [2] * 23], jnp.int32)
+    pos = jnp.asarray([list(range(17)) + list(range(23))], jnp.int32)
+    got = _run("pallas", q, k, v, seg, pos, 9)
+    want = _run("xla", q, k, v, seg, pos, 9)
+    for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5)
