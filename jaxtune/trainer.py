@@ -73,9 +73,12 @@ def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
     return Plan(batches_per_epoch, steps_per_epoch, total, eval_every, save_every)
 
 
-def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool):
+def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool,
+                    state_shardings=None):
     """The jitted step: (trainable, frozen, opt_state, batch [A, B, L], rng, step) -> (trainable,
-    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1)."""
+    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1). On a mesh,
+    `state_shardings` = (trainable's, opt_state's) shardings keeps the updated state where it was
+    (jaxtune.parallel.mesh), so the step compiles once."""
 
     def micro_loss(trainable, frozen, micro, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -114,7 +117,8 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
         out.update(loss=loss / weight, grad_norm=grad_norm, lr=schedule(step_index))
         return trainable, opt_state, out
 
-    step_fn = jax.jit(step, donate_argnums=(0, 2))
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    step_fn = jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
     step_fn.traces = 0
     return step_fn
 
