@@ -46,7 +46,7 @@ def resolve_precision(cfg) -> Precision:
 def resolve_attention(cfg) -> str:
     """jaxtune's backend for `attn_implementation`. `auto` and HF's fused-kernel names (sdpa,
     flash_attention_2/3, flex_attention, xformers) take the platform's best backend (`pallas` on
-    GPUs, `blockwise` elsewhere: memory linear in the sequence, masked tiles skipped; on CPU it is
+    GPUs and TPUs, `blockwise` elsewhere: memory linear in the sequence, masked tiles skipped; on CPU it is
     also the faster at 256 tokens); HF's `eager` is the plain reference, `xla`."""
     requested = cfg.attn_implementation
     if requested in IMPLEMENTATIONS:

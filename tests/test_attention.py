@@ -241,7 +241,8 @@ def test_tpu_splash_path_falls_back_where_it_cannot_express_the_mask():
     """Positions that do not count up within a sample (splash masks by index) and per-layer traced
     windows run the fallback, which must then give the reference's answer."""
     from jaxtune.kernels.blockwise import blockwise_attention
-    from jaxtune.kernels.splash_tpu import positions_count_up, splash_attention
+    from jaxtune.kernels.attention import positions_count_up
+    from jaxtune.kernels.splash_tpu import splash_attention
 
     q, k, v, seg, pos, _ = _case("packed", jnp.float32)
     assert bool(positions_count_up(seg, pos))
@@ -273,3 +274,18 @@ def test_pallas_kernel_head_dims(head_dim, monkeypatch):
     want = _run("xla", q, k, v, seg, pos, 9)
     for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5)
+
+
+def test_cudnn_takes_only_rows_of_one_sample():
+    """cuDNN's path runs only where its index mask equals jaxtune's rule: every row one sample from
+    index 0 (then padding), positions counting up; anything else goes to the fallback at run time."""
+    from jaxtune.kernels.cudnn import one_sample_rows
+
+    seg = jnp.asarray([[1, 1, 1, 0], [4, 4, 4, 4]], jnp.int32)
+    pos = jnp.asarray([[0, 1, 2, 0], [0, 1, 2, 3]], jnp.int32)
+    ok, lengths = one_sample_rows(seg, pos)
+    assert bool(ok) and lengths.tolist() == [3, 4]
+    assert not bool(one_sample_rows(seg.at[0, 2].set(2), pos)[0])  # two samples in a row
+    assert not bool(one_sample_rows(seg, pos.at[1, 3].set(7))[0])  # positions do not count up
+    assert not bool(one_sample_rows(seg.at[0].set(0), pos)[0])  # a row of padding only
+    assert not bool(one_sample_rows(jnp.asarray([[0, 1, 1, 1]] * 2, jnp.int32), pos)[0])  # padding first

@@ -26,7 +26,7 @@ class ModelKeys(Section):
     bfloat16: bool | None = Field(None, description="Store every parameter in bf16 (same as bf16: full).")
     float16: bool | None = Field(None, description="Mapped to bfloat16.")
     attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(  # type: ignore[valid-type]
-        "auto", description="Attention kernel: auto (pallas on GPUs, blockwise elsewhere), xla (reference), "
+        "auto", description="Attention kernel: auto (pallas on GPUs and TPUs, blockwise elsewhere), xla (reference), "
         "blockwise, pallas, cudnn; HF names (eager, sdpa, flash_attention_2, ...) map to jaxtune's backends.")
     gradient_checkpointing: bool | Literal["full", "dots", "none"] = Field(
         False, description="Rematerialise activations in the backward pass: true/full recomputes each layer, "

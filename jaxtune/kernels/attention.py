@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import info_once
@@ -60,6 +61,26 @@ def platform_backend(implementation: str, platform: str | None = None) -> str:
         return implementation
     info_once(f"attention: {implementation!r} needs a {' or '.join(needs).upper()}; running 'blockwise' on {platform}")
     return "blockwise"
+
+
+def index_mask_reason(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window) -> str | None:
+    """Why a fused kernel that masks by index with one static window (cuDNN, splash) cannot take
+    this call at all, or None. Whether positions count up inside each sample, which such a kernel
+    also needs, is only known at run time (`positions_count_up`)."""
+    if sliding_window is not None and not isinstance(sliding_window, (int, np.integer)):
+        return "a sliding window that differs between layers (it needs one static window)"
+    if q_segment_ids is not kv_segment_ids or q_positions is not kv_positions:
+        return "queries and keys with their own segment ids / positions (a KV cache)"
+    return None
+
+
+def positions_count_up(segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """True if every real token's position is its index minus the index where its sample starts
+    (then masking by index inside a sample is masking by position)."""
+    index = jnp.arange(segment_ids.shape[1])[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return jnp.all((segment_ids == 0) | (positions == index - start))
 
 
 def best_backend(platform: str | None = None) -> str:

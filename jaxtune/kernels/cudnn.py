@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxtune.kernels.attention import index_mask_reason, positions_count_up
 from jaxtune.logging import info_once
 
 PAD_TO = 64  # rows padded to a multiple of this for cuDNN
@@ -33,22 +33,16 @@ def static_reason(q, q_segment_ids, kv_segment_ids, q_positions, kv_positions, s
         return f"{q.dtype} inputs (cuDNN's fused attention takes bfloat16 / float16)"
     if q.shape[-1] % 8 or q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} (cuDNN's flash attention takes multiples of 8 up to 256)"
-    if sliding_window is not None and not isinstance(sliding_window, (int, np.integer)):
-        return "a sliding window that differs between layers (cuDNN needs one static window)"
-    if q_segment_ids is not kv_segment_ids or q_positions is not kv_positions:
-        return "queries and keys with their own segment ids / positions (a KV cache)"
-    return None
+    return index_mask_reason(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
 
 
 def one_sample_rows(segment_ids, positions) -> tuple[jax.Array, jax.Array]:
     """(every row is one sample then padding with positions 0..n-1, [B] lengths)."""
     length = jnp.sum(segment_ids != 0, axis=1)
     index = jnp.arange(segment_ids.shape[1])[None, :]
-    inside = index < length[:, None]
-    expected = jnp.where(inside, segment_ids[:, :1], 0)
-    ok = (segment_ids[:, 0] != 0) & jnp.all(segment_ids == expected, axis=1)
-    ok &= jnp.all(~inside | (positions == index), axis=1)
-    return jnp.all(ok), length.astype(jnp.int32)
+    expected = jnp.where(index < length[:, None], segment_ids[:, :1], 0)
+    ok = jnp.all((segment_ids[:, 0] != 0) & jnp.all(segment_ids == expected, axis=1))
+    return ok & positions_count_up(segment_ids, positions), length.astype(jnp.int32)
 
 
 def cudnn_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,

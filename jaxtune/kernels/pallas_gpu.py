@@ -248,8 +248,11 @@ def _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scal
     outer = min(BWD_OUTER, length)
     inner = min(BWD_INNER, outer)
     rule = (window, causal, use_window)
-    q_table, _ = block_ranges(qs, ks, rule, outer, inner)  # per query block of `outer`: key blocks of `inner`
-    _, k_table = block_ranges(qs, ks, rule, inner, outer)  # per key block of `outer`: query blocks of `inner`
+    # Per query block of `outer`: its key blocks of `inner`; per key block of `outer`: its query
+    # blocks of `inner` (one call gives both when the two sizes agree).
+    q_table, k_table = block_ranges(qs, ks, rule, outer, inner)
+    if inner != outer:
+        k_table = block_ranges(qs, ks, rule, inner, outer)[1]
     delta = jnp.einsum("blnh,blnh->bnl", d_out.astype(jnp.float32), out.astype(jnp.float32))
     n_blocks = length // outer
     row = pl.BlockSpec((None, length), lambda j, bi, ni: (bi, 0))

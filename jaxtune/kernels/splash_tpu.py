@@ -19,19 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
+from jaxtune.kernels.attention import index_mask_reason, positions_count_up
 from jaxtune.logging import info_once
 
 BLOCK = 128  # splash's tiles (its defaults); rows are padded to a multiple
-
-
-def positions_count_up(segment_ids, positions) -> jax.Array:
-    """True if every real token's position is its index minus the index where its sample starts."""
-    index = jnp.arange(segment_ids.shape[1])[None, :]
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-    return jnp.all((segment_ids == 0) | (positions == index - start))
 
 
 @functools.lru_cache(maxsize=32)
@@ -49,7 +42,7 @@ def _kernel(length: int, group: int, causal: bool, window: int | None, interpret
     sizes = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                               block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
     return splash.make_splash_mqa(masks.MultiHeadMask([head_mask] * group), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret), splash.SegmentIds
+                                  q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
@@ -59,11 +52,7 @@ def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q
     splash cannot express the mask. Returns [B, T, N, H] in q's dtype."""
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                   kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
-    reason = None
-    if sliding_window is not None and not isinstance(sliding_window, (int, np.integer)):
-        reason = "a sliding window that differs between layers (splash needs one static window)"
-    elif q_segment_ids is not kv_segment_ids or q_positions is not kv_positions:
-        reason = "queries and keys with their own segment ids / positions (a KV cache)"
+    reason = index_mask_reason(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
     if reason is not None:
         info_once(f"attention: splash cannot express {reason}; running {fallback_name!r} instead")
         return fallback(q_btnh, k_bskh, v_bskh, **kwargs)
@@ -72,7 +61,7 @@ def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q
     kh = k_bskh.shape[2]
     length = -(-t // BLOCK) * BLOCK
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else None
-    kernel, segment_ids_type = _kernel(length, n // kh, causal, window, interpret)
+    kernel = _kernel(length, n // kh, causal, window, interpret)
 
     def pad(x, fill=0):
         return jnp.pad(x, [(0, 0), (0, length - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
@@ -81,7 +70,7 @@ def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q
     q = jnp.moveaxis(pad(q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(b, length, kh, n // kh, h), 1, 3)
     k = jnp.moveaxis(pad(k_bskh.astype(q_btnh.dtype)), 1, 2)
     v = jnp.moveaxis(pad(v_bskh.astype(q_btnh.dtype)), 1, 2)
-    segments = segment_ids_type(q=pad(q_segment_ids.astype(jnp.int32), -2), kv=pad(kv_segment_ids.astype(jnp.int32), -1))
+    segments = SegmentIds(q=pad(q_segment_ids.astype(jnp.int32), -2), kv=pad(kv_segment_ids.astype(jnp.int32), -1))
 
     def fused(q, k, v):
         per_kv_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), in_axes=(0, 0, 0, None))

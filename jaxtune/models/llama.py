@@ -353,7 +353,7 @@ class CausalLM(nnx.Module):
         # (26.7 GB at 8k tokens with blockwise attention).
         windows = jnp.asarray([w or 0 for w in cfg.sliding_windows], jnp.int32)
         # Backends that mask inside their kernel take a static window where every layer has the
-        # same one (cuDNN can express only a static window).
+        # same one (cuDNN and splash attention can express only a static window).
         static = len(set(cfg.sliding_windows)) == 1 and self.attn_implementation not in TRACED_WINDOW
 
         def layer_window(traced):
