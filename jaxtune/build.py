@@ -71,17 +71,18 @@ def resolve_chunked_loss(cfg) -> bool:
     return True
 
 
-def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None):
-    """(model, LoRA spec or None, Precision) for a config."""
+def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None):
+    """(model, LoRA spec or None, Precision) for a config. `place(path, host_array, logical_axes)`
+    puts each base weight on devices as it is read (jaxtune.parallel.mesh.loading_place: straight
+    to its shards on a mesh); default: the default device."""
     if not cfg.base_model:
         raise JaxtuneError("base_model is not set")
     path = bundled.resolve(cfg.base_model)
     precision = resolve_precision(cfg)
-    place = None
     if cfg.adapter == "qlora":
         from jaxtune.peft.qlora import quantizing_place
 
-        place = quantizing_place(None, double_quant=cfg.bnb_4bit_use_double_quant)
+        place = quantizing_place(place, double_quant=cfg.bnb_4bit_use_double_quant)
     # Frozen weights are stored in the compute dtype; trained ones in the trainable dtype.
     param_dtype = precision.frozen if cfg.adapter else precision.trainable
     compute = cfg.bnb_4bit_compute_dtype if cfg.adapter == "qlora" and cfg.bnb_4bit_compute_dtype else precision.compute

@@ -2,7 +2,8 @@
 
 Verbs: convert (GGUF -> HF directory, or prepare the bundled model), generate (KV-cache sampling),
 preprocess (tokenize, mask and pack a config's datasets into the cache), train (fine-tune), export
-(hf/ and adapter/ from a checkpoint or adapter), validate (print the resolved config or its errors).
+(hf/ and adapter/ from a checkpoint or adapter), validate (print the resolved config or its errors),
+plan (memory per device before loading a weight).
 Errors caused by input print one line `jaxtune: error: ...` and exit with status 2.
 """
 
@@ -108,6 +109,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from jaxtune.config import load_config
+    from jaxtune.plan import host_memory, parse_bytes, plan_memory, suggest_meshes
+
+    import jax
+
+    cfg = load_config(args.config, args.overrides)
+    platform = args.platform or jax.default_backend()
+    devices = args.devices or (jax.device_count() if platform == jax.default_backend() else 1)
+    memory = parse_bytes(args.device_memory) if args.device_memory else host_memory(platform)
+    plan = plan_memory(cfg, devices=devices, device_memory=memory, platform=platform)
+    print(plan.report())
+    if memory:
+        fitting = suggest_meshes(cfg, devices, memory, platform)
+        if fitting:
+            print("meshes that fit (smallest first):")
+            for keys, total in fitting:
+                print(f"  {keys}  ->  {total / 2**30:.2f} GiB per device")
+        else:
+            print(f"no mesh of {devices} device(s) fits {memory / 2**30:.1f} GiB: use more devices, adapter: qlora, "
+                  "gradient_checkpointing, or a shorter sequence_len")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description="LLM post-training in JAX/Flax")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -156,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest in output_dir/checkpoints)")
     p.add_argument("--lora-model-dir", help="export this PEFT adapter merged into base_model")
     p.set_defaults(func=_export)
+
+    p = verbs.add_parser("plan", help="memory per device for a config, the largest micro_batch_size that fits, "
+                         "meshes that fit")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--devices", type=int, help="number of devices (default: those present)")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GiB (default: this machine's)")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"), help="plan for this platform (default: this "
+                   "machine's)")
+    p.set_defaults(func=_plan)
 
     p = verbs.add_parser("validate", help="print the resolved config, or its errors")
     p.add_argument("config", help="YAML config")

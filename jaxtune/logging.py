@@ -52,11 +52,15 @@ class MetricsWriter:
     """
 
     def __init__(self, output_dir, *, resume_step: int = 0, tensorboard: bool = False, wandb_config=None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, primary: bool = True):
+        """`primary`: False on every process but 0 of a multi-host run (they write nothing)."""
         import json
         from pathlib import Path
 
         self._json = json
+        self._file = self._tb = self._wandb = None
+        if not primary:
+            return
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -70,12 +74,10 @@ class MetricsWriter:
                     kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(output_dir) / "events"))
-        self._wandb = None
         if wandb_config and wandb_config.get("project"):
             try:
                 import wandb
@@ -85,6 +87,8 @@ class MetricsWriter:
                 self._wandb = wandb.init(config=run_config, resume="allow", **wandb_config)
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(self._json.dumps(record) + "\n")
         self._file.flush()
         step = record.get("step", 0)
@@ -97,7 +101,8 @@ class MetricsWriter:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -62,21 +62,29 @@ def run(cfg: Config) -> TrainResult:
     from jaxtune.peft.lora import trainable_filter
     from jaxtune.trainer import Trainer
 
+    from jaxtune.parallel.distributed import initialize
+    from jaxtune.parallel.mesh import loading_place, plan_for
+
+    initialize(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
+    if jax.process_index() == 0:
+        _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
     data = prepare(cfg)
     objective = objective_for(data.kind)
-    model, spec, precision = build_model(cfg, data.tokenizer)
+    mesh_plan = plan_for(cfg)
+    model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
     trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trainable_filter(model, spec),
-                      output_dir=output_dir)
+                      output_dir=output_dir, mesh_plan=mesh_plan)
     plan = trainer.plan
     trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
     total = trained + sum(x.size for x in jax.tree.leaves(trainer.frozen))
+    ranks = mesh_plan.batch_ranks
     info(f"training {trained:,} of {total:,} parameters ({'full' if spec is None else cfg.adapter}); compute "
-         f"{precision.compute}; global batch {cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} "
-         f"accumulation x {jax.process_count()} host(s) = "
-         f"{cfg.micro_batch_size * cfg.gradient_accumulation_steps * jax.process_count()} rows of up to "
+         f"{precision.compute}; {mesh_plan.describe()} over {jax.device_count()} device(s), "
+         f"{jax.process_count()} process(es); global batch {cfg.micro_batch_size} per rank x {ranks} data-parallel "
+         f"rank(s) x {cfg.gradient_accumulation_steps} accumulation = "
+         f"{cfg.micro_batch_size * ranks * cfg.gradient_accumulation_steps} rows of up to "
          f"{cfg.sequence_len} tokens; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")
     resume = _resume_point(cfg, trainer)
     if resume is not None:
@@ -84,7 +92,8 @@ def run(cfg: Config) -> TrainResult:
     wandb = {k: v for k, v in {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": cfg.wandb_name,
                               "id": cfg.wandb_run_id, "mode": cfg.wandb_mode}.items() if v is not None}
     metrics = MetricsWriter(output_dir, resume_step=trainer.step, tensorboard=cfg.use_tensorboard,
-                            wandb_config=wandb, run_config=cfg.model_dump(mode="json"))
+                            wandb_config=wandb, run_config=cfg.model_dump(mode="json"),
+                            primary=jax.process_index() == 0)
     try:
         last = trainer.train(metrics)
     finally:
@@ -99,7 +108,8 @@ def run(cfg: Config) -> TrainResult:
 def export_run(cfg: Config, checkpoint: str | None = None) -> dict[str, Path]:
     """`jaxtune export` (Axolotl's merge-lora): write hf/ and adapter/ into output_dir from a
     checkpoint (`checkpoint`: a `.../checkpoints/<step>` directory, default the newest in
-    output_dir) or, when there is none, from `lora_model_dir` alone."""
+    output_dir) or, when there is none, from `lora_model_dir` alone. One process: run it on one
+    host (a checkpoint written by many hosts reads whole on one)."""
     from flax import nnx
 
     from jaxtune import bundled

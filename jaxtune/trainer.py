@@ -31,6 +31,7 @@ from jaxtune.data.packing import pad_batch
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import MetricsWriter, Progress, info
 from jaxtune.optim import build_optimizer
+from jaxtune.parallel import mesh as M
 
 
 class TrainingError(JaxtuneError):
@@ -74,11 +75,14 @@ def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
 
 
 def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool,
-                    state_shardings=None):
+                    state_shardings=None, grad_shardings=None, opt_device_shardings=None):
     """The jitted step: (trainable, frozen, opt_state, batch [A, B, L], rng, step) -> (trainable,
-    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1). On a mesh,
-    `state_shardings` = (trainable's, opt_state's) shardings keeps the updated state where it was
-    (jaxtune.parallel.mesh), so the step compiles once."""
+    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1). On a mesh
+    (jaxtune.parallel.mesh.place_training_state): `state_shardings` = (trainable's, opt_state's)
+    shardings keeps the updated state where it was, so the step compiles once; `grad_shardings`
+    shards the gradients like the optimizer state (ZeRO-1/2: a reduce-scatter, not an all-reduce);
+    `opt_device_shardings` brings an optimizer state kept in host memory to the devices for the
+    update (it goes back by `state_shardings`)."""
 
     def micro_loss(trainable, frozen, micro, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -110,6 +114,10 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros(), (batch, keys))
         weight = jnp.maximum(metrics["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        if opt_device_shardings is not None:
+            opt_state = jax.device_put(opt_state, opt_device_shardings)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -151,26 +159,36 @@ def stack_micro_batches(group: list[dict], accum: int, pad_id: int) -> dict[str,
 class Trainer:
     """Runs one config's training from prepared data and a built model; see `jaxtune.train.run`."""
 
-    def __init__(self, cfg, model, spec, objective, data, *, trainable_filter, output_dir: Path):
+    def __init__(self, cfg, model, spec, objective, data, *, trainable_filter, output_dir: Path,
+                 mesh_plan: M.MeshPlan | None = None):
         self.cfg, self.model, self.spec, self.objective, self.data = cfg, model, spec, objective, data
         self.output_dir = output_dir
         self.accum = cfg.gradient_accumulation_steps
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
-        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+        self.mesh_plan = mesh_plan or M.plan_for(cfg)
+        self.mesh = self.mesh_plan.make()
+        # Each process loads the rows of the data-parallel ranks its devices hold.
+        share, shares, ranks = M.host_batch_share(self.mesh)
+        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=cfg.sequence_len,
                                   pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=cfg.pad_to_sequence_len,
-                                  shuffle=True, seed=cfg.seed)
+                                  shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares)
         self.eval_loader = None
         if data.eval is not None and len(data.eval):
-            self.eval_loader = BatchLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            self.eval_loader = BatchLoader(data.eval, batch_size=(cfg.eval_batch_size or cfg.micro_batch_size) * ranks,
                                            sequence_len=cfg.sequence_len, pad_id=self.pad_id, packed=data.eval_packed,
-                                           pad_to_sequence_len=cfg.pad_to_sequence_len, shuffle=False)
+                                           pad_to_sequence_len=cfg.pad_to_sequence_len, shuffle=False,
+                                           shard_index=share, shard_count=shares)
         self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
-        self.graphdef, self.trainable, self.frozen = nnx.split(model, trainable_filter, ...)
+        self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps)
-        self.opt_state = self.optimizer.init(self.trainable)
-        self.rng = jax.random.key(cfg.seed)
+        placed = M.place_training_state(self.mesh_plan, self.mesh, trainable, frozen, self.optimizer)
+        self.trainable, self.frozen, self.opt_state = placed.trainable, placed.frozen, placed.opt_state
+        nnx.update(model, self.trainable, self.frozen)  # the model holds the placed arrays, not a second copy
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.rng = jax.random.wrap_key_data(M.place(jax.random.key_data(jax.random.key(cfg.seed)), replicated))
         use_rng = spec is not None and spec.dropout > 0
-        self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng)
+        self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng,
+                                          **placed.step_shardings)
         self.eval_step = make_eval_step(self.graphdef, objective)
         self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
         self.step = 0
@@ -199,7 +217,8 @@ class Trainer:
     def evaluate(self) -> float:
         total, weight = 0.0, 0.0
         for batch in self.eval_loader.iterate(num_epochs=1):
-            loss, w = self.eval_step(self.trainable, self.frozen, batch)
+            with jax.set_mesh(self.mesh):
+                loss, w = self.eval_step(self.trainable, self.frozen, M.place_batch(batch, self.mesh))
             total += float(loss)
             weight += float(w)
         return total / max(weight, 1.0)
@@ -233,9 +252,11 @@ class Trainer:
                 if not group:
                     break
                 stacked = stack_micro_batches(group, self.accum, self.pad_id)
-                tokens = int((stacked["segment_ids"] > 0).sum())
-                self.trainable, self.opt_state, out = self.train_step(
-                    self.trainable, self.frozen, self.opt_state, stacked, self.rng, jnp.int32(self.step))
+                tokens = int((stacked["segment_ids"] > 0).sum()) * self.loader.shard_count  # about all hosts'
+                with jax.set_mesh(self.mesh):
+                    self.trainable, self.opt_state, out = self.train_step(
+                        self.trainable, self.frozen, self.opt_state, M.place_batch(stacked, self.mesh), self.rng,
+                        np.int32(self.step))
                 record = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.step += 1
                 if not math.isfinite(record["loss"]):

@@ -1,5 +1,7 @@
 """Training on a device mesh (8 forced CPU devices, in a subprocess) equals the single-device run,
-with the parameters really sharded as the logical-axis rules say (jaxtune.parallel.mesh)."""
+with the parameters really sharded as the logical-axis rules say (jaxtune.parallel.mesh): FSDP,
+FSDP with the sequence split (ring attention, balanced layout), data x FSDP x tensor, and ZeRO-2
+with the optimizer state offloaded to host memory."""
 
 from __future__ import annotations
 
@@ -25,10 +27,17 @@ SCRIPT = textwrap.dedent(
     from jaxtune.optim import build_optimizer
     from jaxtune.parallel import mesh as M
     from jaxtune.peft import lora
+    from jaxtune.peft.qlora import mark_quantized, quantizing_place
     from jaxtune.trainer import make_train_step
 
+    from jaxtune.parallel import ring
+
     assert jax.device_count() == 8, jax.devices()
-    path, adapter = sys.argv[1], sys.argv[2] == "lora"
+    ring_calls = []
+    traced_ring = ring.ring_attention
+    ring.ring_attention = lambda *a, **k: ring_calls.append(1) or traced_ring(*a, **k)
+    path, kind = sys.argv[1], sys.argv[2]
+    adapter = kind in ("lora", "qlora")
 
     def batch(i):  # [accumulation 1, batch 8, length 32], three packed samples and padding per row
         ids = np.random.default_rng(i).integers(1, 128, (1, 8, 32)).astype(np.int32)
@@ -36,8 +45,12 @@ SCRIPT = textwrap.dedent(
         pos = np.array([list(range(13)) + list(range(11)) + list(range(6)) + [0, 0]] * 8, np.int32)[None]
         return {"input_ids": ids, "labels": ids, "segment_ids": seg, "positions": pos}
 
-    def run(mesh_kw):
-        model = load_model(path, attn_implementation="blockwise")
+    def run(plan):
+        if kind == "qlora":  # NF4 frozen kernels (double-quantized), as build_model makes them
+            model = load_model(path, attn_implementation="blockwise", place=quantizing_place(None, double_quant=True))
+            mark_quantized(model)
+        else:
+            model = load_model(path, attn_implementation="blockwise")
         wrt = nnx.Param
         if adapter:
             spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.LINEAR_PATHS))
@@ -46,30 +59,38 @@ SCRIPT = textwrap.dedent(
         graphdef, trainable, frozen = nnx.split(model, wrt, ...)
         optimizer, schedule = build_optimizer(
             build_config({"optimizer": "adamw_torch", "learning_rate": 1e-3, "lr_scheduler": "constant"}), 5)
-        mesh = M.make_mesh(**mesh_kw) if mesh_kw is not None else None
-        if mesh is not None:
-            trainable, frozen = M.shard_state(trainable, mesh), M.shard_state(frozen, mesh)
-        opt_state = optimizer.init(trainable)
-        shardings = None
-        if mesh is not None:
-            opt_state = M.replicate_rest(opt_state, mesh)
-            shardings = (M.shardings_of(trainable), M.shardings_of(opt_state))
-        step = make_train_step(graphdef, SFT(), optimizer, schedule, use_rng=False, state_shardings=shardings)
+        if plan is None:
+            opt_state, kwargs, mesh = optimizer.init(trainable), {}, None
+        else:  # the trainer's own placement (jaxtune.trainer.Trainer)
+            mesh = plan.make()
+            placed = M.place_training_state(plan, mesh, trainable, frozen, optimizer)
+            trainable, frozen, opt_state, kwargs = placed.trainable, placed.frozen, placed.opt_state, placed.step_shardings
+        step = make_train_step(graphdef, SFT(), optimizer, schedule, use_rng=False, **kwargs)
         losses = []
         for i in range(5):
             b = batch(i)
-            if mesh is not None:
-                b = {k: jax.device_put(v, M.batch_sharding(mesh)) for k, v in b.items()}
-            trainable, opt_state, out = step(trainable, frozen, opt_state, b, jax.random.key(0), jnp.int32(i))
+            if mesh is None:
+                trainable, opt_state, out = step(trainable, frozen, opt_state, b, jax.random.key(0), jnp.int32(i))
+            else:
+                with jax.set_mesh(mesh):
+                    trainable, opt_state, out = step(trainable, frozen, opt_state, M.place_batch(b, mesh),
+                                                     jax.random.key(0), jnp.int32(i))
             losses.append(float(out["loss"]))
-        specs = {jax.tree_util.keystr(p): list(getattr(x.sharding, "spec", ()))
-                 for p, x in jax.tree_util.tree_leaves_with_path((trainable, frozen))}
-        return {"losses": losses, "traces": step.traces, "specs": specs}
+        def describe(x):
+            return [list(getattr(x.sharding, "spec", ())), getattr(x.sharding, "memory_kind", None)]
+        specs = {jax.tree_util.keystr(p): describe(x)
+                 for p, x in jax.tree_util.tree_leaves_with_path((trainable, frozen, opt_state))}
+        calls = len(ring_calls)
+        ring_calls.clear()
+        return {"losses": losses, "traces": step.traces, "specs": specs, "ring_calls": calls}
 
     result = {"single": run(None)}
-    for name, kw in (("fsdp8", {"fsdp": 8}), ("fsdp4_tensor2", {"fsdp": 4, "tensor": 2}),
-                     ("data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "tensor": 2})):
-        result[name] = run(kw)
+    meshes = {"fsdp8": {"fsdp": 8}, "fsdp4_sequence2": {"fsdp": 4, "sequence": 2},
+              "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+              "zero2_offload_fsdp8": {"fsdp": 8, "stage": 2, "offload_optimizer": True}}
+    for name, kw in meshes.items():
+        if kind != "qlora" or name in ("fsdp8", "data2_fsdp2_tensor2"):
+            result[name] = run(M.MeshPlan(**kw))
     print("RESULT " + json.dumps(result))
     """
 )
@@ -82,7 +103,7 @@ def tiny8(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("mesh"), cfg, "tiny8")
 
 
-@pytest.mark.parametrize("adapter", ["lora", "full"])
+@pytest.mark.parametrize("adapter", ["lora", "full", "qlora"])
 def test_mesh_training_equals_single_device(tiny8, adapter):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny8), adapter], capture_output=True, text=True,
@@ -94,14 +115,28 @@ def test_mesh_training_equals_single_device(tiny8, adapter):
         assert run["traces"] == 1, name
         for got, want in zip(run["losses"], single["losses"]):
             assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (name, run["losses"], single["losses"])
+    assert all(r["ring_calls"] == 0 for n, r in result.items() if n != "fsdp4_sequence2")
+    if adapter == "qlora":  # NF4 blocks: the flat block axis over fsdp where it divides
+        codes = "[1]['layers']['mlp']['down_proj']['kernel'].value.codes"
+        assert result["fsdp8"]["specs"][codes][0] == [None, "fsdp"]
+        assert result["data2_fsdp2_tensor2"]["specs"][codes][0] == [None, "fsdp"]
+        return
+    assert result["fsdp4_sequence2"]["ring_calls"] > 0  # attention ran as a ring over the sequence axis
     specs = result["data2_fsdp2_tensor2"]["specs"]
     down = "[0]['layers']['mlp']['down_proj']" if adapter == "lora" else "[0]['layers']['mlp']['down_proj']['kernel']"
     if adapter == "lora":  # adapters follow their base weight: [layers, mlp -> tensor, r], [layers, r, embed -> fsdp]
-        assert specs[down + "['lora_a'].value"] == [None, "tensor", None]
-        assert specs[down + "['lora_b'].value"] == [None, None, "fsdp"]
-        assert specs["[1]['layers']['mlp']['down_proj']['kernel'].value"] == [None, "tensor", "fsdp"]
+        assert specs[down + "['lora_a'].value"][0] == [None, "tensor", None]
+        assert specs[down + "['lora_b'].value"][0] == [None, None, "fsdp"]
+        assert specs["[1]['layers']['mlp']['down_proj']['kernel'].value"][0] == [None, "tensor", "fsdp"]
     else:
-        assert specs[down + ".value"] == [None, "tensor", "fsdp"]
-        assert specs["[0]['embed_tokens']['embedding'].value"] == ["tensor", "fsdp"]
-    assert result["fsdp8"]["specs"]["[1]['embed_tokens']['embedding'].value" if adapter == "lora"
-                                    else "[0]['embed_tokens']['embedding'].value"] == [None, "fsdp"]
+        assert specs[down + ".value"][0] == [None, "tensor", "fsdp"]
+        assert specs["[0]['embed_tokens']['embedding'].value"][0] == ["tensor", "fsdp"]
+    embed = "[1]['embed_tokens']['embedding'].value" if adapter == "lora" else "[0]['embed_tokens']['embedding'].value"
+    assert result["fsdp8"]["specs"][embed][0] == [None, "fsdp"]
+    assert result["fsdp4_sequence2"]["specs"][embed][0] == [None, "fsdp"]
+    # ZeRO-2: parameters replicated over fsdp, the optimizer state sharded and kept in host memory
+    zero2 = result["zero2_offload_fsdp8"]["specs"]
+    moments = [v for k, v in zero2.items() if k.startswith("[2]") and v[0]]
+    assert moments and all(v[1] == "pinned_host" for v in moments), moments
+    params = [v for k, v in zero2.items() if k.startswith("[0]")]
+    assert all("fsdp" not in v[0] for v in params), params

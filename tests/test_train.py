@@ -195,8 +195,9 @@ def test_training_config_errors():
         build_config({"rl": "dpo"})
     with pytest.raises(ConfigError, match="lora_target_linear set without adapter"):
         build_config({"lora_target_linear": True})
-    cfg = build_config({"flash_attention": True, "sequence_parallel_degree": 1, "tf32": True, "deepspeed": "z3.json"})
+    cfg = build_config({"flash_attention": True, "sequence_parallel_degree": 1, "tf32": True})
     assert cfg.attn_implementation == "flash_attention_2" and cfg.context_parallel_size == 1
+    assert build_config({}, overrides=["save_strategy=no"]).save_strategy == "no"  # YAML reads `no` as false
     with pytest.raises(ConfigError, match="chunked_cross_entropy and use_cut_cross_entropy"):
         build_config({"chunked_cross_entropy": True, "use_cut_cross_entropy": False})
 

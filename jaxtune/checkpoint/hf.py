@@ -33,6 +33,7 @@ from jaxtune.checkpoint.io import (
 )
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import family_for
+from jaxtune.parallel.mesh import to_host
 
 _DTYPES = {
     "float32": np.dtype(np.float32), "fp32": np.dtype(np.float32),
@@ -222,8 +223,8 @@ def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
 
             def produce(value=value, layer=layer, transpose=transpose, out_dtype=out_dtype, owner=owner, merge=merge):
                 if merge:
-                    return np.asarray(jax.device_get(owner.merged_kernel(layer, jnp.float32))).T.astype(out_dtype)
-                arr = np.asarray(jax.device_get(value[layer] if layer is not None else value))
+                    return to_host(owner.merged_kernel(layer, jnp.float32)).T.astype(out_dtype)
+                arr = to_host(value[layer] if layer is not None else value)
                 return (arr.T if transpose else arr).astype(out_dtype)
 
             name = family.hf_tensor_name(ppath, layer)
@@ -243,6 +244,8 @@ def save_pretrained(
 ) -> Path:
     """Write the model as an HF directory (safetensors shards + index, config.json,
     generation_config.json, tokenizer files) atomically. `dtype` defaults to the parameters' dtype.
+    Sharded parameters are gathered one tensor at a time; in a multi-host run every process takes
+    part in the gathers and process 0 alone writes.
     """
     cfg = model.cfg
     tensors = hf_tensors(model, dtype)
@@ -255,6 +258,10 @@ def save_pretrained(
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
+    if jax.process_index() != 0:  # gather with process 0, which writes
+        for t in tensors:
+            t.produce()
+        return Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         write_safetensors(tmp, tensors, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

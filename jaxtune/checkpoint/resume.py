@@ -6,6 +6,9 @@ alone (`jaxtune export` reads only `params`):
 - `optimizer`: the optimizer state (its leaves, in optax's order) and the run's RNG key;
 - `meta` (JSON): step, epoch position, the data loader's position and the resolved config.
 
+Arrays sharded over a mesh are saved by every process for the shards it holds (orbax's
+multi-host save) and restore onto whatever mesh the resuming run has.
+
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
 (even SIGKILL) during a save leaves the previous checkpoints as they were, and `latest()` never
 returns a half-written one. `save_total_limit` keeps the newest N.
@@ -41,11 +44,16 @@ class Checkpoints:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, like: dict[str, object]) -> tuple[dict, dict]:
-        """The items named in `like` (trees giving the shapes and dtypes to restore into) and meta."""
+        """The items named in `like` (trees of arrays giving the shapes, dtypes and shardings to
+        restore into) and meta. The shardings are `like`'s, not the saved ones: a checkpoint saved
+        on one mesh restores onto another (each process reads the parts its devices hold)."""
         if step not in self.steps():
             raise JaxtuneError(f"no checkpoint for step {step} in {self.directory} (has: {self.steps()})")
-        args = {name: ocp.args.StandardRestore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
-                for name, tree in like.items()}
+
+        def target(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+        args = {name: ocp.args.StandardRestore(jax.tree.map(target, tree)) for name, tree in like.items()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError) as e:

@@ -33,21 +33,28 @@ from jaxtune.config.base import (
 )
 from jaxtune.config.data import DataKeys, DatasetConfig, UserDefinedFormat
 from jaxtune.config.model import ModelKeys
+from jaxtune.config.parallel import ParallelKeys
 from jaxtune.config.train import TrainKeys
 
 __all__ = ["Config", "ConfigError", "DatasetConfig", "UserDefinedFormat", "DEPRECATED_KEYS", "NO_EFFECT_KEYS",
            "NOT_SUPPORTED_KEYS", "Section", "build_config", "load_config", "dump_config", "parse_override"]
 
 
-class Config(ModelKeys, DataKeys, TrainKeys):
-    """The whole config: model, data and training keys in one flat mapping, as Axolotl writes it."""
+class Config(ModelKeys, DataKeys, TrainKeys, ParallelKeys):
+    """The whole config: model, data, training and parallelism keys in one flat mapping, as Axolotl
+    writes it."""
 
     @model_validator(mode="before")
     @classmethod
     def _deprecated(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return warn_no_effect(rewrite_deprecated(data, "top"))
+        data = warn_no_effect(rewrite_deprecated(data, "top"))
+        fsdp_config = data.get("fsdp_config") or {}
+        checkpointing = fsdp_config.get("activation_checkpointing", fsdp_config.get("fsdp_activation_checkpointing"))
+        if checkpointing and data.get("gradient_checkpointing") is None:
+            data = {**data, "gradient_checkpointing": True}  # FSDP's activation checkpointing is remat
+        return data
 
 
 def _fields_of(model: type[BaseModel]) -> list[str]:

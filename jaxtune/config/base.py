@@ -50,7 +50,6 @@ DEPRECATED_KEYS: dict[str, dict[str, str | tuple[str, Callable[[Any], Any]]]] = 
 }
 
 _ATTN = "jaxtune chooses the attention kernel with attn_implementation"
-_DS = "the device mesh (a later release) replaces DeepSpeed/FSDP; this run uses one process's devices as data parallel"
 # Keys Axolotl has that change nothing here, with the reason printed in their one warning.
 NO_EFFECT_KEYS: dict[str, str] = {
     "sample_packing_group_size": "jaxtune packs the whole dataset at once with first-fit-decreasing",
@@ -73,7 +72,7 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "dataloader_prefetch_factor": "the grain loader reads prepared rows in-process",
     "dataloader_drop_last": "jaxtune never drops rows: the last batch is filled with padding rows",
     "device_map": "placement follows the device mesh",
-    "max_memory": "placement follows the device mesh (see `jaxtune plan` in a later release)",
+    "max_memory": "placement follows the device mesh (`jaxtune plan` tells what fits)",
     "gpu_memory_limit": "placement follows the device mesh",
     "lora_on_cpu": "placement follows the device mesh",
     "bnb_config_kwargs": "jaxtune's NF4 is configured by bnb_4bit_use_double_quant / bnb_4bit_compute_dtype",
@@ -93,9 +92,6 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "lora_o_kernel": "XLA fuses the LoRA matmuls itself",
     "use_liger_kernel": "Liger is a set of Triton kernels; XLA fuses these operations itself, and the fused linear "
                         "cross-entropy is jaxtune's chunked_cross_entropy (on by default)",
-    "deepspeed": _DS,
-    "fsdp": _DS,
-    "fsdp_config": _DS,
     "wandb_watch": "gradient histograms are not logged",
     "wandb_log_model": "the model is written to output_dir, not uploaded",
     "do_eval": "evaluation runs whenever there is an eval set (val_set_size / test_datasets)",

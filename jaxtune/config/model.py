@@ -35,9 +35,6 @@ class ModelKeys(Section):
         None, description="Compute the loss from the hidden states and the LM head in token chunks, never the "
         "whole [batch, seq, vocab] logits (default: on; same values, far less memory).")
     use_cut_cross_entropy: bool | None = Field(None, description="Axolotl's name for chunked_cross_entropy.")
-    context_parallel_size: int = Field(1, ge=1, description="Sequence-parallel degree (1 in this release).")
-    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree (1 in this release).")
-    dp_shard_size: int | None = Field(None, ge=1, description="FSDP degree (not in this release).")
     # adapters
     adapter: Literal["lora", "qlora"] | None = Field(None, description="Train a LoRA adapter (qlora: over NF4 "
                                                      "frozen weights) instead of every parameter.")
@@ -78,11 +75,6 @@ class ModelKeys(Section):
             raise ValueError("adapter: qlora needs load_in_4bit: true")
         if self.load_in_4bit and self.adapter != "qlora":
             raise ValueError("load_in_4bit: true needs adapter: qlora (4-bit weights cannot train)")
-        for key in ("context_parallel_size", "tensor_parallel_size"):
-            if getattr(self, key) > 1:
-                raise ValueError(f"{key} > 1 needs the device mesh, which is not in this release")
-        if self.dp_shard_size not in (None, 1):
-            raise ValueError("dp_shard_size (FSDP) needs the device mesh, which is not in this release")
         lora_keys = ("lora_model_dir", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
                      "peft_layers_to_transform", "loraplus_lr_ratio")
         if self.adapter is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jaxtune.config.base import Section
 from jaxtune.logging import warn_once
@@ -63,6 +63,11 @@ class TrainKeys(Section):
     wandb_name: str | None = Field(None, description="W&B run name.")
     wandb_run_id: str | None = Field(None, description="W&B run id (to continue a run).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
     @model_validator(mode="after")
     def _check_train(self) -> TrainKeys:

@@ -30,6 +30,9 @@ Backends, each tested against `xla`:
 - `cudnn` (jaxtune.kernels.cudnn): cuDNN's fused attention where it can express the mask (bf16/fp16
   rows of one sample), else the `pallas` kernel; GPUs.
 A backend the platform lacks runs `blockwise` instead, and says so once in the log.
+
+When the mesh in context splits the sequence (context parallelism), training attention runs as a
+ring over the devices (jaxtune.parallel.ring), each chunk pair with the blockwise kernel.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ def positions_count_up(segment_ids: jax.Array, positions: jax.Array) -> jax.Arra
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return jnp.all((segment_ids == 0) | (positions == index - start))
+
+
+def _sequence_ways() -> int:
+    """The `sequence` axis size of the mesh in context (`jax.set_mesh`), 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "sequence" not in mesh.axis_names else mesh.shape["sequence"]
 
 
 def best_backend(platform: str | None = None) -> str:
@@ -150,9 +159,15 @@ def attention(
     if q_btnh.shape[2] % k_bskh.shape[2]:
         raise ValueError(f"{q_btnh.shape[2]} query heads is not a multiple of {k_bskh.shape[2]} kv heads")
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
-    implementation = platform_backend(implementation)
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                   kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
+    if q_segment_ids is kv_segment_ids and _sequence_ways() > 1:  # the sequence is split over devices
+        from jaxtune.parallel.ring import ring_attention
+
+        if implementation != "blockwise":
+            info_once(f"attention: context parallelism runs ring attention with blockwise tiles (not {implementation!r})")
+        return ring_attention(q_btnh, k_bskh, v_bskh, **kwargs)
+    implementation = platform_backend(implementation)
     if implementation == "blockwise":
         from jaxtune.kernels.blockwise import blockwise_attention
 

@@ -23,6 +23,7 @@ queries), so padded keys are never attended and padded query rows are dropped.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
         empty = l == 0  # padded query rows: nothing to attend
         l_safe = jnp.where(empty, 1.0, l)
         out = (acc / l_safe[..., None]).astype(q.dtype)  # [B, K, G, bq, H]
-        lse = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe))
+        lse = jnp.where(empty, -jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe))  # log(0) = -inf
         return jnp.transpose(out, (0, 3, 1, 2, 4)), lse
 
     outs, lses = jax.lax.map(q_block, jnp.arange(tp // bq))  # [nq, B, bq, K, G, H], [nq, B, K, G, bq]
@@ -100,7 +101,9 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
     return out, lse
 
 
-def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk):
+def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast: bool = True):
+    """dQ, dK, dV (in the inputs' dtypes; float32 with cast=False) from the output and the log-sum-
+    exp of the whole attention; with a part of the keys (ring attention), that part's share."""
     b, tp, kh, g, h = q.shape
     n_q, n_kv = tp // bq, k.shape[1] // bk
     # rowsum(dO * O): [B, K, G, Tp]
@@ -139,6 +142,8 @@ def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk):
     dq, (dks, dvs) = jax.lax.scan(accumulate, jnp.zeros(q.shape, jnp.float32), jnp.arange(n_kv))
     dk = jnp.moveaxis(dks, 0, 1).reshape(b, n_kv * bk, kh, h)
     dv = jnp.moveaxis(dvs, 0, 1).reshape(b, n_kv * bk, kh, h)
+    if not cast:
+        return dq, dk, dv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -166,16 +171,44 @@ def blockwise_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids
                         kv_block: int | None = None):
     """Attention of q [B, T, N, H] over k, v [B, S, K, H] in tiles, masked by
     `jaxtune.kernels.attention.attention_mask` (same arguments). Returns [B, T, N, H] in q's dtype."""
-    b, t, n, h = q_btnh.shape
-    s, kh = k_bskh.shape[1], k_bskh.shape[2]
-    bq, bk = min(q_block or Q_BLOCK, t), min(kv_block or KV_BLOCK, s)
-    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-    q = _pad_to(q_btnh.reshape(b, t, kh, n // kh, h), tp, 0)
-    k, v = _pad_to(k_bskh, sp, 0), _pad_to(v_bskh, sp, 0)
-    qs = (_pad_to(q_segment_ids.astype(jnp.int32), tp, -2), _pad_to(q_positions.astype(jnp.int32), tp, 0))
-    ks = (_pad_to(kv_segment_ids.astype(jnp.int32), sp, -1), _pad_to(kv_positions.astype(jnp.int32), sp, 0))
-    use_window = sliding_window is not None
-    window = jnp.asarray(sliding_window if use_window else 0, jnp.int32)
-    out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), qs, ks, window, causal, use_window, float(scale),
-                     bq, bk)
-    return out[:, :t].reshape(b, t, n, h)
+    tiles = Tiles.of(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                     sliding_window, q_block, kv_block)
+    out = _attention(tiles.q, tiles.k, tiles.v, tiles.qs, tiles.ks, tiles.window, causal, tiles.use_window,
+                     float(scale), tiles.bq, tiles.bk)
+    return tiles.unpad(out)
+
+
+class Tiles(NamedTuple):
+    """The inputs cut into whole tiles: q [B, Tp, K, G, H], k and v [B, Sp, K, H] in q's dtype,
+    (segment ids, positions) of the queries (padding: -2) and keys (-1), the window."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    qs: tuple[jax.Array, jax.Array]
+    ks: tuple[jax.Array, jax.Array]
+    window: jax.Array
+    use_window: bool
+    bq: int
+    bk: int
+    shape: tuple[int, int, int, int]  # q's [B, T, N, H]
+
+    @classmethod
+    def of(cls, q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window,
+           q_block: int | None = None, kv_block: int | None = None) -> Tiles:
+        b, t, n, h = q_btnh.shape
+        s, kh = k_bskh.shape[1], k_bskh.shape[2]
+        bq, bk = min(q_block or Q_BLOCK, t), min(kv_block or KV_BLOCK, s)
+        tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+        q = _pad_to(q_btnh.reshape(b, t, kh, n // kh, h), tp, 0)
+        k, v = _pad_to(k_bskh, sp, 0).astype(q.dtype), _pad_to(v_bskh, sp, 0).astype(q.dtype)
+        qs = (_pad_to(q_segment_ids.astype(jnp.int32), tp, -2), _pad_to(q_positions.astype(jnp.int32), tp, 0))
+        ks = (_pad_to(kv_segment_ids.astype(jnp.int32), sp, -1), _pad_to(kv_positions.astype(jnp.int32), sp, 0))
+        use_window = sliding_window is not None
+        window = jnp.asarray(sliding_window if use_window else 0, jnp.int32)
+        return cls(q, k, v, qs, ks, window, use_window, bq, bk, (b, t, n, h))
+
+    def unpad(self, out: jax.Array) -> jax.Array:
+        """[B, Tp, K, G, H] -> [B, T, N, H]."""
+        b, t, n, h = self.shape
+        return out[:, :t].reshape(b, t, n, h)

@@ -38,6 +38,7 @@ from jaxtune.checkpoint.io import TensorToWrite, atomic_directory, read_json_fil
 from jaxtune.errors import JaxtuneError, ModelLoadError
 from jaxtune.models import family_for
 from jaxtune.models.layers import Linear
+from jaxtune.parallel.mesh import to_host
 
 # The layers' linear projections by PEFT module name, and where they live in a layer.
 LINEAR_PATHS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -165,14 +166,14 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
     for name, linear in layer_linears(model).items():
         if linear.lora_a is None:
             continue
-        gates = np.ones(model.cfg.num_layers) if linear.lora_gate is None else np.asarray(linear.lora_gate[...])
+        gates = np.ones(model.cfg.num_layers) if linear.lora_gate is None else to_host(linear.lora_gate[...])
         for layer in np.flatnonzero(gates):
             base = f"{prefix}model.layers.{layer}.{LINEAR_PATHS[name]}.{name}"
             for kind, var in (("lora_A", linear.lora_a), ("lora_B", linear.lora_b)):
                 value = var.get_value()
                 shape = value.shape[1:][::-1]
                 tensors.append(TensorToWrite(f"{base}.{kind}.weight", tuple(shape), np.dtype(np.float32),
-                                             lambda v=value, i=int(layer): np.asarray(v[i], np.float32).T))
+                                             lambda v=value, i=int(layer): to_host(v[i]).astype(np.float32).T))
     for module in modules_to_save_names(model, spec):
         holder = model.embed_tokens if module == "embed_tokens" else model.lm_head
         var = holder.embedding if module == "embed_tokens" else holder.kernel
@@ -181,7 +182,7 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
         shape = value.shape if module == "embed_tokens" else value.shape[::-1]
         transpose = module == "lm_head"
         tensors.append(TensorToWrite(hf_name, tuple(shape), np.dtype(value.dtype),
-                                     lambda v=value, t=transpose: np.asarray(v).T if t else np.asarray(v)))
+                                     lambda v=value, t=transpose: to_host(v).T if t else to_host(v)))
     return tensors
 
 
@@ -197,8 +198,12 @@ def save_adapter(model, spec: LoraSpec, out_dir: str | os.PathLike, *, base_mode
     if spec.modules_to_save:
         config["modules_to_save"] = modules_to_save_names(model, spec)
         config["ensure_weight_tying"] = model.lm_head is None
+    tensors = adapter_tensors(model, spec)
+    if jax.process_index() != 0:  # gather with process 0, which writes
+        for t in tensors:
+            t.produce()
+        return Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        tensors = adapter_tensors(model, spec)
         arrays = {t.name: np.ascontiguousarray(t.produce()) for t in tensors}
         from safetensors.numpy import save_file
 

@@ -1,0 +1,262 @@
+"""`jaxtune plan CONFIG [--device-memory 80GiB] [--devices N]`: the memory a config needs per device,
+before loading a single weight.
+
+Exact parts, from the model's shapes (an abstract model: `nnx.eval_shape`, LoRA added, NF4 sizes for
+QLoRA) and the mesh (`jaxtune.parallel.mesh.plan_for`; each array divided by the mesh axes its
+logical axes shard over):
+- parameters (frozen and trained), gradients (the trained parameters' shapes, sharded like the
+  optimizer state), optimizer state (`jax.eval_shape` of the configured optax optimizer's init).
+
+Estimated parts:
+- activations of one micro-batch for the remat policy, per device (tokens split over the sequence
+  axis, heads over tensor): what the layer scan keeps for the backward pass, one layer's working
+  set while it runs, the attention's scores (xla: [T, T] per head; blockwise/pallas: tiles) and
+  the loss (chunked: one chunk of logits; plain: all of them);
+- the runtime: on CPU the process itself (Python, JAX, XLA's compiled step, the tokenizer:
+  `CPU_RUNTIME_BYTES`, measured on the project's machine with scripts/bench_plan.py); on GPUs and
+  TPUs `ACCELERATOR_RESERVE` of the device memory, which XLA's allocator and its workspace hold.
+
+scripts/bench_plan.py compares this estimate with the measured peak resident memory of SmolLM2
+training runs on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+
+from jaxtune.errors import JaxtuneError
+
+CPU_RUNTIME_BYTES = 840 * 2**20  # a jaxtune training process with its compiled step, weights aside
+ACCELERATOR_RESERVE = 0.05  # XLA's allocator and workspace share of a GPU / TPU's memory
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '24 GB', '512MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise JaxtuneError(f"cannot read {text!r} as a memory size (write e.g. 80GiB, 24GB, 512MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    mesh: object  # jaxtune.parallel.mesh.MeshPlan
+    platform: str
+    params: int  # every parameter, frozen and trained, per device
+    trainable: int  # of which trained
+    gradients: int
+    optimizer: int
+    activations: int  # for the configured micro_batch_size
+    runtime: int
+    micro_batch_size: int
+    device_memory: int | None
+    max_micro_batch: int | None  # the largest that fits device_memory (None: unknown / none asked)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.gradients + self.optimizer + self.activations + self.runtime
+
+    def report(self) -> str:
+        lines = [f"{self.mesh.describe()} ({self.mesh.devices} devices, {self.platform}); per device:",
+                 f"  parameters      {_gib(self.params)}   (trained: {_gib(self.trainable).strip()})",
+                 f"  gradients       {_gib(self.gradients)}",
+                 f"  optimizer state {_gib(self.optimizer)}",
+                 f"  activations     {_gib(self.activations)}   (micro_batch_size {self.micro_batch_size})",
+                 f"  runtime         {_gib(self.runtime)}",
+                 f"  total           {_gib(self.total)}"]
+        if self.device_memory:
+            fits = "fits" if self.total <= self.device_memory else "DOES NOT FIT"
+            lines.append(f"  device memory   {_gib(self.device_memory)}   -> {fits}; largest micro_batch_size "
+                         f"that fits: {self.max_micro_batch if self.max_micro_batch else 'none'}")
+        return "\n".join(lines)
+
+
+def _abstract_state(cfg):
+    """(frozen, trainable) abstract nnx States of the config's model, LoRA attached; the model's
+    config; and the bytes per element of NF4 kernels (None without QLoRA)."""
+    from flax import nnx
+
+    from jaxtune import bundled
+    from jaxtune.build import resolve_attention, resolve_precision, resolve_remat
+    from jaxtune.checkpoint.hf import load_model_config
+    from jaxtune.models import family_for
+    from jaxtune.peft import lora
+
+    path = bundled.resolve(cfg.base_model)
+    mcfg = load_model_config(path)
+    precision = resolve_precision(cfg)
+    param_dtype = precision.frozen if cfg.adapter else precision.trainable
+    spec = lora.LoraSpec.from_config(cfg) if cfg.adapter else None
+
+    def build():
+        model = family_for(mcfg.architecture).CausalLM(
+            mcfg, dtype=np.dtype(precision.compute), param_dtype=np.dtype(param_dtype), rngs=nnx.Rngs(0),
+            attn_implementation=resolve_attention(cfg), remat=resolve_remat(cfg))
+        if spec is not None:
+            lora.add_lora(model, spec, jax.random.key(0))
+        return model
+
+    model = nnx.eval_shape(build)
+    _, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
+    return frozen, trainable, mcfg, precision
+
+
+def _shard_factor(variable, mesh, exclude) -> int:
+    from jaxtune.parallel.mesh import _logical, spec
+
+    value = variable.get_value()
+    parts = spec(_logical(variable), value.shape, mesh, exclude)
+    factor = 1
+    for entry in parts:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None:
+                factor *= mesh.shape[axis]
+    return factor
+
+
+def _state_bytes(state, mesh, exclude=(), nf4: bool = False) -> int:
+    """Per-device bytes of an abstract nnx State on `mesh`; with `nf4`, the layers' linear kernels
+    as NF4 (QLoRA: 4 bits, plus a float32 absmax per 64 values, double-quantized or not alike)."""
+    from flax import nnx
+
+    total = 0
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        per_element = np.dtype(value.dtype).itemsize
+        if nf4 and path[0] == "layers" and path[-1] == "kernel":
+            per_element = 0.5 + 4 / 64
+            factor = mesh.shape["fsdp"] if "fsdp" not in exclude and mesh.shape["fsdp"] > 1 else 1
+        else:
+            factor = _shard_factor(variable, mesh, exclude)
+        total += math.ceil(math.prod(value.shape) * per_element / factor)
+    return total
+
+
+def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int) -> int:
+    """Estimated activation memory of one micro-batch's forward and backward, per device.
+
+    Per token and layer the backward keeps (models/llama.py's remat policies): with `none` the
+    named projections (q, k, v, the attention output, the mid-layer residual, the MLP's gate and
+    up: `SAVED_ACTIVATIONS`), with `dots` also the o/down projections, with `full` nothing; every
+    policy keeps the layer's input (the scan's carry), and attention backends with their own VJP
+    (blockwise, pallas, cudnn) keep their RoPE'd q and k. While a layer runs its backward, its
+    tensors and their gradients are live once more."""
+    from jaxtune.build import resolve_attention, resolve_chunked_loss, resolve_remat
+    from jaxtune.kernels.attention import OWN_VJP
+    from jaxtune.kernels.cross_entropy import CHUNK_ELEMENTS
+
+    seq = cfg.sequence_len
+    tokens = micro_batch * seq / mesh_plan.sequence
+    tensor = mesh_plan.tensor
+    d, inter, layers, vocab = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_layers, mcfg.vocab_size
+    heads, kv_heads, hd = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+    split_heads = tensor if heads % tensor == 0 and kv_heads % tensor == 0 else 1
+    q_dim, kv_dim = heads * hd / split_heads, kv_heads * hd / split_heads
+    mlp = inter / (tensor if inter % tensor == 0 else 1)
+    attention = resolve_attention(cfg)
+    remat = resolve_remat(cfg)
+    named = 2 * q_dim + 2 * kv_dim + d + 2 * mlp
+    own_vjp = (q_dim + kv_dim) if attention in OWN_VJP else 0
+    kept = d + own_vjp + {"none": named, "dots": named + 2 * d, "full": 0}[remat]
+    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + 3 * mlp
+    saved = layers * tokens * kept * compute_bytes
+    working = tokens * layer_tensors * compute_bytes * 2
+    local_heads = heads / split_heads
+    if attention == "xla":  # float32 scores and probabilities of the layer that runs
+        attn = micro_batch * local_heads * (seq / mesh_plan.sequence) * seq * 4 * 2
+    else:  # the float32 log-sum-exp per query and layer
+        attn = micro_batch * local_heads * (seq / mesh_plan.sequence) * 4 * layers
+    if resolve_chunked_loss(cfg):
+        loss = min(tokens * vocab, CHUNK_ELEMENTS) * 4 * 3
+    else:
+        loss = tokens * vocab * 4 * 3  # logits, softmax and their gradient in float32
+    return int(saved + working + attn + loss)
+
+
+def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = None,
+                platform: str | None = None) -> MemoryPlan:
+    """The per-device memory plan of a config on `devices` devices (default: those present)."""
+    from jax.sharding import AbstractMesh
+
+    from jaxtune.optim import build_optimizer
+    from jaxtune.parallel.mesh import AXES, plan_for
+
+    platform = platform or jax.default_backend()
+    mesh_plan = plan_for(cfg, devices)
+    mesh = AbstractMesh((mesh_plan.data, mesh_plan.fsdp, mesh_plan.sequence, mesh_plan.tensor), AXES)
+    frozen, trainable, mcfg, precision = _abstract_state(cfg)
+    exclude = () if mesh_plan.stage == 3 else ("fsdp",)
+    params_frozen = _state_bytes(frozen, mesh, exclude, nf4=cfg.adapter == "qlora")
+    params_trained = _state_bytes(trainable, mesh, exclude)
+    gradients = _state_bytes(trainable, mesh)  # sharded like the optimizer state at every stage
+    optimizer, _ = build_optimizer(cfg, 1000)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    opt_bytes = 0
+    moments = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt_state))
+    trained_total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(trainable))
+    if trained_total:  # the state shards as the trained parameters do (fully, at every stage)
+        opt_bytes = int(moments * gradients / trained_total)
+    if mesh_plan.offload_optimizer:
+        opt_bytes = 0  # in host memory
+    compute_bytes = np.dtype(precision.compute).itemsize
+
+    def activations(mb):
+        return activation_bytes(cfg, mcfg, mesh_plan, compute_bytes, mb)
+
+    fixed = params_frozen + params_trained + gradients + opt_bytes
+    runtime = CPU_RUNTIME_BYTES if platform == "cpu" else int(ACCELERATOR_RESERVE * (device_memory or 0))
+    best = None
+    if device_memory:
+        budget = device_memory - fixed - runtime
+        mb = 0
+        while activations(mb + 1) <= budget and mb < 4096:
+            mb += 1
+        best = mb or None
+    return MemoryPlan(mesh_plan, platform, params_frozen + params_trained, params_trained, gradients, opt_bytes,
+                      activations(cfg.micro_batch_size), runtime, cfg.micro_batch_size, device_memory, best)
+
+
+def host_memory(platform: str) -> int | None:
+    """This machine's memory for one device of `platform`: the RAM on CPU, the allocator's limit on
+    an accelerator present here; None when unknown."""
+    if platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        except (OSError, StopIteration):
+            return None
+    if jax.default_backend() == platform:
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("bytes_limit")
+    return None
+
+
+def suggest_meshes(cfg, devices: int, device_memory: int, platform: str) -> list[tuple[str, int]]:
+    """Meshes (as config keys) that fit, smallest total memory first: FSDP degrees over the
+    devices, tensor parallelism where the heads divide, context parallelism for long sequences."""
+    out = []
+    for tensor in (1, 2, 4, 8):
+        for sequence in (1, 2, 4, 8):
+            if devices % (tensor * sequence):
+                continue
+            for fsdp in sorted({1, devices // (tensor * sequence)}):
+                keys = {"tensor_parallel_size": tensor, "context_parallel_size": sequence, "dp_shard_size": fsdp}
+                trial = cfg.model_copy(update=keys)
+                try:
+                    p = plan_memory(trial, devices=devices, device_memory=device_memory, platform=platform)
+                except JaxtuneError:
+                    continue
+                if p.total <= device_memory:
+                    out.append((", ".join(f"{k}: {v}" for k, v in keys.items()), p.total))
+    return sorted(out, key=lambda e: e[1])[:3]
