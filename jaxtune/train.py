@@ -70,6 +70,12 @@ def run(cfg: Config) -> TrainResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
+    if jax.process_count() > 1:  # process 0 builds the data cache; the others then read it
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            prepare(cfg)
+        multihost_utils.sync_global_devices("jaxtune: data prepared")
     data = prepare(cfg)
     objective = objective_for(data.kind)
     mesh_plan = plan_for(cfg)

@@ -169,14 +169,16 @@ class Trainer:
         self.mesh = self.mesh_plan.make()
         # Each process loads the rows of the data-parallel ranks its devices hold.
         share, shares, ranks = M.host_batch_share(self.mesh)
+        # Every process must build the same global shapes: with several, rows pad to sequence_len.
+        pad_to_len = cfg.pad_to_sequence_len or jax.process_count() > 1
         self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=cfg.sequence_len,
-                                  pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=cfg.pad_to_sequence_len,
+                                  pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=pad_to_len,
                                   shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares)
         self.eval_loader = None
         if data.eval is not None and len(data.eval):
             self.eval_loader = BatchLoader(data.eval, batch_size=(cfg.eval_batch_size or cfg.micro_batch_size) * ranks,
                                            sequence_len=cfg.sequence_len, pad_id=self.pad_id, packed=data.eval_packed,
-                                           pad_to_sequence_len=cfg.pad_to_sequence_len, shuffle=False,
+                                           pad_to_sequence_len=pad_to_len, shuffle=False,
                                            shard_index=share, shard_count=shares)
         self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
         self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
@@ -200,10 +202,24 @@ class Trainer:
                 "optimizer": {"opt_state": jax.tree.leaves(self.opt_state), "rng": jax.random.key_data(self.rng)}}
 
     def save(self) -> None:
-        meta = {"step": self.step, **self.position, "config": self.cfg.model_dump(mode="json")}
+        meta = {"step": self.step, **self.position, "config": self.cfg.model_dump(mode="json"),
+                "data_layout": self._data_layout()}
         self.checkpoints.save(self.step, self._state_tree(), meta)
 
+    def _data_layout(self) -> dict:
+        """What the loader position means: rows per host batch and host shares (a resumed run
+        must read the data the same way; the mesh itself may differ)."""
+        return {"host_batch_rows": self.loader.batch_size, "host_shares": self.loader.shard_count}
+
     def restore(self, source: Checkpoints, step: int) -> None:
+        saved = source.read_meta(step).get("data_layout")
+        if saved is not None and saved != self._data_layout():
+            here = self._data_layout()
+            raise JaxtuneError(
+                f"checkpoint {source.directory / str(step)} read {saved['host_batch_rows']} rows per step on each of "
+                f"{saved['host_shares']} host share(s); this run reads {here['host_batch_rows']} on "
+                f"{here['host_shares']}: keep micro_batch_size x data-parallel ranks (and the number of hosts) as they "
+                "were, so the data continues where it stopped")
         state, meta = source.restore(step, self._state_tree())
         nnx.replace_by_pure_dict(self.trainable, state["params"])
         treedef = jax.tree.structure(self.opt_state)
@@ -289,7 +305,10 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             progress.close()
         if interrupted:
-            if self.step and saved_step != self.step and self.cfg.save_strategy != "no":
+            if jax.process_count() > 1:  # a save needs every process; the others did not stop
+                info(f"interrupted at step {self.step}; with several processes no checkpoint is written on "
+                     f"interrupt (the last one is step {saved_step})")
+            elif self.step and saved_step != self.step and self.cfg.save_strategy != "no":
                 self.save()
                 info(f"interrupted: saved checkpoint {self.checkpoints.directory / str(self.step)}; run the same "
                      "command again to resume")

@@ -93,6 +93,11 @@ def test_two_processes_equal_one(eight, tiny_chat_dir):
 
 
 def test_checkpoint_from_8_devices_resumes_on_4(eight, tiny_chat_dir):
+    # the same micro_batch_size on half the ranks would read the data differently: a clear error
+    wrong = _launch(_config(eight, tiny_chat_dir, "four_wrong",
+                            resume_from_checkpoint=str(eight / "eight" / "checkpoints" / "3")), 4)
+    out, _ = wrong.communicate(timeout=600)
+    assert wrong.returncode == 2 and "read 8 rows per step on each of 1 host share(s); this run reads 4" in out, out
     config = _config(eight, tiny_chat_dir, "four", micro_batch_size=2,
                      resume_from_checkpoint=str(eight / "eight" / "checkpoints" / "3"))
     _finish(_launch(config, 4))

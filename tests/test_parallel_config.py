@@ -43,6 +43,8 @@ def test_parallel_key_errors(tmp_path):
         _plan({"tensor_parallel_size": 3})
     with pytest.raises(JaxtuneError, match="is not the 8 devices"):
         _plan({"dp_shard_size": 3})
+    with pytest.raises(JaxtuneError, match="dp_shard_size=4 shards over 4 devices, but fsdp says no sharding"):
+        _plan({"dp_shard_size": 4, "fsdp": ["no_shard"]})
     with pytest.raises(ConfigError, match="deepspeed: z3.json not found"):
         build_config({"deepspeed": "z3.json"})
     ds = tmp_path / "ds.json"

@@ -115,6 +115,9 @@ def plan_for(cfg, device_count: int | None = None) -> MeshPlan:
         raise JaxtuneError(f"dp_replicate_size={data} x dp_shard_size={fsdp} x tensor_parallel_size={tensor} x "
                            f"context_parallel_size={sequence} = {data * fsdp * tensor * sequence} is not the "
                            f"{n} devices there are")
+    if zero.stage == 0 and fsdp > 1:
+        raise JaxtuneError(f"dp_shard_size={fsdp} shards over {fsdp} devices, but {zero.source} says no sharding "
+                           "(no_shard / ZeRO stage 0): drop one of them")
     stage = zero.stage if zero.stage > 0 else 3
     return MeshPlan(data, fsdp, sequence, tensor, stage, zero.offload_optimizer)
 
