@@ -185,8 +185,9 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
 
 
 def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = None,
-                platform: str | None = None) -> MemoryPlan:
-    """The per-device memory plan of a config on `devices` devices (default: those present)."""
+                platform: str | None = None, abstract=None) -> MemoryPlan:
+    """The per-device memory plan of a config on `devices` devices (default: those present).
+    `abstract`: `_abstract_state(cfg)` when the caller has it (it does not depend on the mesh)."""
     from jax.sharding import AbstractMesh
 
     from jaxtune.optim import build_optimizer
@@ -195,7 +196,7 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
     platform = platform or jax.default_backend()
     mesh_plan = plan_for(cfg, devices)
     mesh = AbstractMesh((mesh_plan.data, mesh_plan.fsdp, mesh_plan.sequence, mesh_plan.tensor), AXES)
-    frozen, trainable, mcfg, precision = _abstract_state(cfg)
+    frozen, trainable, mcfg, precision = abstract or _abstract_state(cfg)
     exclude = () if mesh_plan.stage == 3 else ("fsdp",)
     params_frozen = _state_bytes(frozen, mesh, exclude, nf4=cfg.adapter == "qlora")
     params_trained = _state_bytes(trainable, mesh, exclude)
@@ -246,6 +247,7 @@ def suggest_meshes(cfg, devices: int, device_memory: int, platform: str) -> list
     """Meshes (as config keys) that fit, smallest total memory first: FSDP degrees over the
     devices, tensor parallelism where the heads divide, context parallelism for long sequences."""
     out = []
+    abstract = _abstract_state(cfg)  # the same model on every mesh: built once
     for tensor in (1, 2, 4, 8):
         for sequence in (1, 2, 4, 8):
             if devices % (tensor * sequence):
@@ -254,7 +256,8 @@ def suggest_meshes(cfg, devices: int, device_memory: int, platform: str) -> list
                 keys = {"tensor_parallel_size": tensor, "context_parallel_size": sequence, "dp_shard_size": fsdp}
                 trial = cfg.model_copy(update=keys)
                 try:
-                    p = plan_memory(trial, devices=devices, device_memory=device_memory, platform=platform)
+                    p = plan_memory(trial, devices=devices, device_memory=device_memory, platform=platform,
+                                    abstract=abstract)
                 except JaxtuneError:
                     continue
                 if p.total <= device_memory:

@@ -232,12 +232,12 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
         batch = balance(batch, ways)
     out = {}
+    count = host_batch_share(mesh)[1] if jax.process_count() > 1 else 1
     for key, value in batch.items():
         sharding = batch_sharding(mesh, value.ndim)
         if jax.process_count() == 1:
             out[key] = jax.device_put(value, sharding)
         else:
-            _, count, _ = host_batch_share(mesh)
             shape = (*value.shape[:-2], value.shape[-2] * count, value.shape[-1])
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
