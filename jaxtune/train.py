@@ -56,7 +56,6 @@ def run(cfg: Config) -> TrainResult:
 
     from jaxtune import bundled
     from jaxtune.build import build_model
-    from jaxtune.data.prepare import prepare
     from jaxtune.logging import MetricsWriter
     from jaxtune.objectives import objective_for
     from jaxtune.peft.lora import trainable_filter
@@ -70,13 +69,7 @@ def run(cfg: Config) -> TrainResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
-    if jax.process_count() > 1:  # process 0 builds the data cache; the others then read it
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:
-            prepare(cfg)
-        multihost_utils.sync_global_devices("jaxtune: data prepared")
-    data = prepare(cfg)
+    data = _prepare_once(cfg)
     objective = objective_for(data.kind)
     mesh_plan = plan_for(cfg)
     model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
@@ -109,6 +102,22 @@ def run(cfg: Config) -> TrainResult:
     written = export(model, spec, data.tokenizer, output_dir, base_model=str(bundled.resolve(cfg.base_model)))
     info("exported " + ", ".join(str(p) for p in written.values()))
     return TrainResult(model, spec, data.tokenizer, last, written)
+
+
+def _prepare_once(cfg: Config):
+    """The prepared data. With several processes, process 0 builds the cache first and the others
+    then read it (each prepares once)."""
+    import jax
+
+    from jaxtune.data.prepare import prepare
+
+    if jax.process_count() == 1:
+        return prepare(cfg)
+    from jax.experimental import multihost_utils
+
+    data = prepare(cfg) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxtune: data prepared")
+    return data if data is not None else prepare(cfg)
 
 
 def export_run(cfg: Config, checkpoint: str | None = None) -> dict[str, Path]:

@@ -105,8 +105,10 @@ def decode_matmul_seconds(cfg, batch: int, repeats: int) -> float:
     def step(weights, head, x):
         def layer(x, w):
             q, k, v, o, gate, up, down = w
-            attn = jnp.concatenate([x @ q, x @ k, x @ v], axis=-1)[:, : heads * hd]
-            x = x + attn @ o
+            # Every product's result is used (one that were dropped would be compiled away); the
+            # key and value products enter through a row sum, a cheap stand-in for attention.
+            kv_sum = jnp.sum((x @ k) + (x @ v), axis=-1, keepdims=True)
+            x = x + (x @ q) @ o + kv_sum
             return x + (jax.nn.silu(x @ gate) * (x @ up)) @ down, None
 
         x, _ = jax.lax.scan(layer, x, weights)

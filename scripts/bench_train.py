@@ -240,6 +240,12 @@ def model_dims(config: dict) -> tuple[int, int, int, int, list[tuple[int, int]]]
     return d, layers, heads, head_dim, shapes
 
 
+def lora_params(config: dict) -> int:
+    """Adapter parameters of LoRA r=LORA_R on the seven projections of every layer."""
+    _, layers, _, _, shapes = model_dims(config)
+    return layers * sum(LORA_R * (i + o) for i, o in shapes)
+
+
 def step_dots(config: dict, batch: int, seq: int, mode: str) -> list[tuple[str, tuple, tuple, int]]:
     """Every matmul of one training step as (einsum subscripts, lhs shape, rhs shape, how many), in
     the step's own shapes: per layer the forward, input-gradient (and for full fine-tuning the
@@ -303,7 +309,7 @@ def optimizer_update_seconds(mode: str, args) -> float:
     if mode == "full":
         count = layers * (sum(i * o for i, o in shapes) + 2 * d) + d * config["vocab_size"] + d
     else:
-        count = layers * sum(LORA_R * (i + o) for i, o in shapes)
+        count = lora_params(config)
     cfg = build_config({"optimizer": "adamw_torch", "learning_rate": LR, "lr_scheduler": "constant",
                         "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM})
     optimizer, _ = build_optimizer(cfg, 10)
@@ -349,8 +355,7 @@ def train_flops(config: dict, batch: int, seq: int, mode: str) -> float:
     attn = 12 * layers * heads * head_dim * seq * tokens
     if mode == "full":
         return 6 * (n_lin + n_head) * tokens + attn
-    n_lora = layers * sum(LORA_R * (i + o) for i, o in shapes)
-    return 4 * (n_lin + n_head) * tokens + 6 * n_lora * tokens + attn
+    return 4 * (n_lin + n_head) * tokens + 6 * lora_params(config) * tokens + attn
 
 
 def run_worker(name: str, args) -> dict:
