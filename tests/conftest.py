@@ -17,12 +17,31 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="jaxtune-test
 # float32 references mean float32: on a GPU, XLA would otherwise multiply float32 in TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+import margins  # noqa: E402  (JAXTUNE_MARGINS=file: how close each comparison sits to its tolerance)
+
+if margins.ENABLED:
+    margins.install()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(item):
+        margins.set_test(item.nodeid)
+
+    def pytest_sessionfinish(session):
+        margins.write(os.environ["JAXTUNE_MARGINS"])
+
 
 def save_tiny(tmp_path: Path, config, name: str = "model", dtype=None, edit_config=None) -> Path:
-    """Instantiate a random transformers model from `config`, save it, return the directory."""
+    """Instantiate a random transformers model from `config`, save it, return the directory.
+
+    `config` is copied first: transformers' save_pretrained writes the saved dtype into the config
+    object, and a shared config (a module-level case table) saved once in bf16 would make every later
+    model built from it bf16 too, silently turning fp32 tests into bf16 ones."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    config = copy.deepcopy(config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # non-trivial norms and biases so they are really tested
@@ -104,3 +123,40 @@ def tiny_chat_dir(tmp_path_factory, smollm2_dir):
         if (smollm2_dir / f).exists():
             shutil.copy(smollm2_dir / f, out / f)
     return out
+
+
+# -- comparing parameters after optimizer steps --------------------------------------------------
+# Adam divides each element's step by the root of that element's own second moment. An element whose
+# gradient is near zero therefore moves by up to lr per step in a direction that rounding decides:
+# a last-bit difference in one gradient (another CPU's matmul kernel) moved a parameter by 1.2e-6
+# after two steps. Element by element, two correct runs can differ by up to 2 * lr * steps, on any
+# machine. The update of a whole tensor is well conditioned: only a few elements are near zero, so the
+# tensor's update error relative to its update stays near fp32 rounding (measured <= 1e-5 here and
+# under every --xla_cpu_max_isa). A real error (a wrong, missing or extra gradient term) changes
+# Adam's normalized step of every element it touches by O(1), so a tensor it touches is off by a
+# relative 1e-1 or more. UPDATE_RTOL = 1e-3 sits 100x above rounding and 100x below a real error.
+UPDATE_RTOL = 1e-3
+
+
+def assert_updates_close(before, after, reference_after, *, lr: float, steps: int, rtol: float = UPDATE_RTOL,
+                         names=None) -> None:
+    """Parameters after `steps` optimizer steps against a reference run from the same `before`.
+
+    Per tensor: ||update - reference update|| <= rtol * ||reference update|| (plus fp32 rounding of
+    the parameters themselves), and no element differs by more than Adam can move it (2 * lr * steps).
+    """
+    names = names or [str(i) for i in range(len(before))]
+    for name, b, a, r in zip(names, before, after, reference_after, strict=True):
+        b, a, r = (np.asarray(x, np.float64) for x in (b, a, r))
+        update, reference = a - b, r - b
+        # fp32 rounding of the stored parameters (one ulp of each) bounds what a zero update can show
+        floor = 4 * np.finfo(np.float32).eps * np.linalg.norm(r)
+        err = np.linalg.norm(update - reference)
+        margins.note(err / (rtol * np.linalg.norm(reference) + floor) if err else 0.0)
+        if margins.RECORD_ONLY:
+            continue
+        assert err <= rtol * np.linalg.norm(reference) + floor, (
+            f"{name}: update differs by {err:.3g}, {err / max(np.linalg.norm(reference), 1e-30):.3g} of its norm "
+            f"(tolerance {rtol})")
+        worst = np.abs(update - reference).max(initial=0.0)
+        assert worst <= 2 * lr * steps + floor, f"{name}: an element differs by {worst:.3g} > 2 * lr * steps"

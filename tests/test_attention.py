@@ -232,8 +232,11 @@ def test_tpu_splash_path_matches_reference(kind):
 
     got = run(lambda q, k, v: splash_attention(q, k, v, fallback=fallback, fallback_name="none", interpret=True, **kw))
     want = run(lambda q, k, v: attention(q, k, v, implementation="xla", **kw))
+    # Splash accumulates in its own blocks: dK and dV each sum T * G = 135 products, which fp32 gets
+    # within 135 * eps ~ 2e-5 of exact relative to the leaf's scale (worst case); 1e-4 of the scale.
+    # A key wrongly attended or dropped moves outputs and gradients by ~1/T ~ 2e-2 of it.
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * max(1.0, float(np.abs(b).max())))
 
 
 @pytest.mark.skipif(ON_GPU, reason="the TPU path is checked on CPU (interpreted)")

@@ -51,7 +51,9 @@ def test_linear_cross_entropy_matches_plain(chunk, vocab_axis):
     def plain(h, w):
         return _plain_loss(h, w, targets, weights)
 
-    np.testing.assert_allclose(float(chunked(hidden, head)), float(plain(hidden, head)), rtol=1e-6)
+    # A sum of N nll terms, each a logsumexp over V logits, differently ordered: fp32 rounds each to
+    # about (log2 N + log2 V) * eps ~ 2e-6 relative. A dropped or doubled token is off by 1/N ~ 2e-2.
+    np.testing.assert_allclose(float(chunked(hidden, head)), float(plain(hidden, head)), rtol=1e-5)
     got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, head)
     want = jax.grad(plain, argnums=(0, 1))(hidden, head)
     assert _max_diff(got, want) < 1e-5
