@@ -72,11 +72,14 @@ def _preprocess(args: argparse.Namespace) -> int:
             if data.kind == "prompt":
                 print(f"=== example {i} (prompt)\n{data.tokenizer.decode(row['prompt_ids'])}")
                 continue
-            parts = ["chosen", "rejected"] if data.kind == "preference" else [None]
-            for part in parts:
-                shown = row if part is None else {"input_ids": row[f"{part}_input_ids"], "labels": row[f"{part}_labels"]}
-                print(f"=== example {i}" + (f" ({part})" if part else ""))
-                print(describe_example(data.tokenizer, shown, color=color))
+            if data.kind in ("preference", "unpaired"):
+                n = row["examples"]
+                print(f"=== row {i} ({n} example{'s' if n != 1 else ''})")
+                branches = ("chosen", "rejected") if data.kind == "preference" else ("completion", "KL completion")
+                print(describe_example(data.tokenizer, row, color=color, branches=branches))
+                continue
+            print(f"=== example {i}")
+            print(describe_example(data.tokenizer, row, color=color))
     return 0
 
 

@@ -109,8 +109,13 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+# Objective metrics the progress bar and log lines show when a step has them (TRL's names).
+SHOWN_METRICS = ("rewards/accuracies", "rewards/margins", "kl", "nll_loss")
+
+
 class Progress:
-    """A progress bar (step, loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+    """A progress bar (step, loss, tokens/s, the objective's headline metrics, ETA) on a terminal;
+    plain log lines otherwise."""
 
     def __init__(self, total: int, initial: int, every: int):
         self.total, self.every = total, every
@@ -123,10 +128,12 @@ class Progress:
     def update(self, step: int, record: dict) -> None:
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            shown = {k.split("/")[-1]: f"{record[k]:.3f}" for k in SHOWN_METRICS if k in record}
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}", **shown)
         elif step % self.every == 0 or step == self.total:
+            shown = "".join(f" {k} {record[k]:.4g}" for k in SHOWN_METRICS if k in record)
             info(f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                 f"grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_sec']:.0f}")
+                 f"grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_sec']:.0f}{shown}")
 
     def message(self, text: str) -> None:
         if self._bar is not None:

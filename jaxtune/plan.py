@@ -5,7 +5,11 @@ Exact parts, from the model's shapes (an abstract model: `nnx.eval_shape`, LoRA 
 QLoRA) and the mesh (`jaxtune.parallel.mesh.plan_for`; each array divided by the mesh axes its
 logical axes shard over):
 - parameters (frozen and trained), gradients (the trained parameters' shapes, sharded like the
-  optimizer state), optimizer state (`jax.eval_shape` of the configured optax optimizer's init).
+  optimizer state), optimizer state (`jax.eval_shape` of the configured optax optimizer's init);
+- the reference model of DPO/KTO (objectives/reference.py): nothing for fresh LoRA adapters (their
+  reference is the policy with adapters off), a frozen copy of the trained weights under full
+  fine-tuning (of modules_to_save, or of a continued adapter, with LoRA), nothing with
+  `precompute_ref_log_probs`. Preference rows hold two answers: 2 x sequence_len tokens.
 
 Estimated parts:
 - activations of one micro-batch for the remat policy, per device (tokens split over the sequence
@@ -57,6 +61,7 @@ class MemoryPlan:
     trainable: int  # of which trained
     gradients: int
     optimizer: int
+    reference: int  # the reference model's frozen copy (DPO/KTO), per device
     activations: int  # for the configured micro_batch_size
     runtime: int
     micro_batch_size: int
@@ -65,13 +70,15 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.params + self.gradients + self.optimizer + self.activations + self.runtime
+        return self.params + self.gradients + self.optimizer + self.reference + self.activations + self.runtime
 
     def report(self) -> str:
         lines = [f"{self.mesh.describe()} ({self.mesh.devices} devices, {self.platform}); per device:",
                  f"  parameters      {_gib(self.params)}   (trained: {_gib(self.trainable).strip()})",
                  f"  gradients       {_gib(self.gradients)}",
                  f"  optimizer state {_gib(self.optimizer)}",
+                 *([f"  reference model {_gib(self.reference)}   (frozen copy of the starting weights)"]
+                   if self.reference else []),
                  f"  activations     {_gib(self.activations)}   (micro_batch_size {self.micro_batch_size})",
                  f"  runtime         {_gib(self.runtime)}",
                  f"  total           {_gib(self.total)}"]
@@ -156,7 +163,9 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     from jaxtune.kernels.attention import OWN_VJP
     from jaxtune.kernels.cross_entropy import CHUNK_ELEMENTS
 
-    seq = cfg.sequence_len
+    from jaxtune.objectives import DATA_KINDS
+
+    seq = cfg.sequence_len * (2 if DATA_KINDS.get(cfg.rl, "sft") != "sft" else 1)  # rows of two answers
     tokens = micro_batch * seq / mesh_plan.sequence
     tensor = mesh_plan.tensor
     d, inter, layers, vocab = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_layers, mcfg.vocab_size
@@ -215,7 +224,8 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
     def activations(mb):
         return activation_bytes(cfg, mcfg, mesh_plan, compute_bytes, mb)
 
-    fixed = params_frozen + params_trained + gradients + opt_bytes
+    reference = _reference_bytes(cfg, trainable, mesh, exclude)
+    fixed = params_frozen + params_trained + gradients + opt_bytes + reference
     runtime = CPU_RUNTIME_BYTES if platform == "cpu" else int(ACCELERATOR_RESERVE * (device_memory or 0))
     best = None
     if device_memory:
@@ -225,7 +235,18 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
             mb += 1
         best = mb or None
     return MemoryPlan(mesh_plan, platform, params_frozen + params_trained, params_trained, gradients, opt_bytes,
-                      activations(cfg.micro_batch_size), runtime, cfg.micro_batch_size, device_memory, best)
+                      reference, activations(cfg.micro_batch_size), runtime, cfg.micro_batch_size, device_memory,
+                      best)
+
+
+def _reference_bytes(cfg, trainable, mesh, exclude) -> int:
+    """Per-device bytes of the reference's frozen copy (objectives/reference.initial_copy)."""
+    from jaxtune.objectives.reference import initial_copy
+
+    if cfg.rl not in ("dpo", "ipo", "kto") or cfg.precompute_ref_log_probs:  # the objectives with a reference
+        return 0
+    kept = initial_copy(trainable, fresh_adapters=bool(cfg.adapter) and not cfg.lora_model_dir, abstract=True)
+    return 0 if kept is None else _state_bytes(kept, mesh, exclude)
 
 
 def host_memory(platform: str) -> int | None:

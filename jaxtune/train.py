@@ -70,7 +70,7 @@ def run(cfg: Config) -> TrainResult:
     if jax.process_index() == 0:
         _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
     data = _prepare_once(cfg)
-    objective = objective_for(data.kind)
+    objective = objective_for(cfg, data)
     mesh_plan = plan_for(cfg)
     model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
     trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trainable_filter(model, spec),
@@ -84,7 +84,10 @@ def run(cfg: Config) -> TrainResult:
          f"{jax.process_count()} process(es); global batch {cfg.micro_batch_size} per rank x {ranks} data-parallel "
          f"rank(s) x {cfg.gradient_accumulation_steps} accumulation = "
          f"{cfg.micro_batch_size * ranks * cfg.gradient_accumulation_steps} rows of up to "
-         f"{cfg.sequence_len} tokens; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")
+         f"{data.row_len} tokens; objective {objective.name}"
+         + (f" (reference: {'precomputed' if cfg.precompute_ref_log_probs else 'in the step'})"
+            if objective.needs_reference else "")
+         + f"; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")
     resume = _resume_point(cfg, trainer)
     if resume is not None:
         trainer.restore(*resume)

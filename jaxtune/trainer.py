@@ -1,11 +1,14 @@
 """The training loop: objective-agnostic step, gradient accumulation, eval, checkpoints, logging.
 
 The step is one pure function of (trainable params, frozen params, optimizer state, batch, rng,
-step) jitted once. A batch holds `gradient_accumulation_steps` micro-batches stacked on a leading
-axis; a `lax.scan` runs them, summing each micro-batch's loss *sum* and gradient of that sum, and
-the objective's unit count (`weight`: trained tokens for SFT). After the scan everything is divided
-by the total weight once, so the loss is normalized by the trained tokens of the whole accumulated
-batch (accumulating 4 x 1 is the same step as one batch of 4).
+step, reference params) jitted once. A batch holds `gradient_accumulation_steps` micro-batches
+stacked on a leading axis, laid out as the objective declares (jaxtune.objectives.base). The
+objective's `totals` of the whole accumulated batch come first (its unit count `weight`: trained
+tokens for SFT, pairs for DPO, and any other denominator); a `lax.scan` then runs the micro-batches,
+summing each one's loss *sum* and its gradient, and everything is divided by the totals once, so the
+loss is normalized by the units of the whole accumulated batch (accumulating 4 x 1 is the same step
+as one batch of 4). An objective with a reference model gets the reference's log-probs from the
+same step: the policy's state with adapters off and `ref_params` overlaid (objectives/reference.py).
 
 Steps per epoch = ceil(batches per epoch / accumulation); the last step of an epoch may hold fewer
 real micro-batches (the rest are all-padding, weight 0). `max_steps` overrides the epoch count.
@@ -25,11 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtune.batch import Layout
 from jaxtune.checkpoint.resume import Checkpoints
 from jaxtune.data.loader import BatchLoader
-from jaxtune.data.packing import pad_batch
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import MetricsWriter, Progress, info
+from jaxtune.objectives.reference import reference_model
 from jaxtune.optim import build_optimizer
 from jaxtune.parallel import mesh as M
 
@@ -74,45 +78,63 @@ def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
     return Plan(batches_per_epoch, steps_per_epoch, total, eval_every, save_every)
 
 
-def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool,
-                    state_shardings=None, grad_shardings=None, opt_device_shardings=None):
-    """The jitted step: (trainable, frozen, opt_state, batch [A, B, L], rng, step) -> (trainable,
-    opt_state, metrics). `traces` counts compilations (a test asserts it stays 1). On a mesh
-    (jaxtune.parallel.mesh.place_training_state): `state_shardings` = (trainable's, opt_state's)
-    shardings keeps the updated state where it was, so the step compiles once; `grad_shardings`
-    shards the gradients like the optimizer state (ZeRO-1/2: a reduce-scatter, not an all-reduce);
-    `opt_device_shardings` brings an optimizer state kept in host memory to the devices for the
-    update (it goes back by `state_shardings`)."""
+def _reference_of(graphdef, objective, reference: bool, trainable, frozen, ref_params, micro):
+    """The reference values the objective needs for `micro`: computed by the reference model in the
+    step, carried by the batch (precomputed), or None (no reference)."""
+    if reference:
+        return objective.reference_logps(reference_model(graphdef, trainable, frozen, ref_params), micro)
+    if objective.needs_reference:
+        if objective.reference_key not in micro:
+            raise JaxtuneError(f"{objective.name} needs reference log-probs: the batch carries none and the step "
+                               "builds no reference model")
+        return micro[objective.reference_key]
+    return None
 
-    def micro_loss(trainable, frozen, micro, key):
+
+def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool,
+                    reference: bool = False, state_shardings=None, grad_shardings=None, opt_device_shardings=None):
+    """The jitted step: (trainable, frozen, opt_state, batch [A, B, ...], rng, step, ref_params=None) ->
+    (trainable, opt_state, metrics). `traces` counts compilations (a test asserts it stays 1).
+    `reference`: the objective's reference model is built in the step from the policy's state and
+    `ref_params` (objectives/reference.py). On a mesh (jaxtune.parallel.mesh.place_training_state):
+    `state_shardings` = (trainable's, opt_state's) shardings keeps the updated state where it was, so
+    the step compiles once; `grad_shardings` shards the gradients like the optimizer state (ZeRO-1/2:
+    a reduce-scatter, not an all-reduce); `opt_device_shardings` brings an optimizer state kept in
+    host memory to the devices for the update (it goes back by `state_shardings`)."""
+
+    def micro_loss(trainable, frozen, micro, key, ref, totals):
         model = nnx.merge(graphdef, trainable, frozen)
-        return objective.loss(model, micro, key if use_rng else None)
+        return objective.loss(model, micro, key if use_rng else None, ref, totals)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(trainable, frozen, opt_state, batch, rng, step_index):
+    def step(trainable, frozen, opt_state, batch, rng, step_index, ref_params=None):
         step_fn.traces += 1
         micro_batches = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(rng, step_index), micro_batches)
+        totals = objective.totals(batch)
         first = jax.tree.map(lambda x: x[0], batch)
 
+        def grads_of(micro, key):
+            ref = _reference_of(graphdef, objective, reference, trainable, frozen, ref_params, micro)
+            return grad_fn(trainable, frozen, micro, key, ref, totals)
+
         def zeros():
-            _, metric_shapes = jax.eval_shape(micro_loss, trainable, frozen, first, keys[0])
+            (_, metric_shapes), _ = jax.eval_shape(grads_of, first, keys[0])
             return (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
 
         def body(carry, xs):
             grads, loss, metrics = carry
-            micro, key = xs
-            (micro_loss_sum, micro_metrics), micro_grads = grad_fn(trainable, frozen, micro, key)
+            (micro_loss_sum, micro_metrics), micro_grads = grads_of(*xs)
             return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss_sum,
                     jax.tree.map(jnp.add, metrics, micro_metrics)), None
 
         if micro_batches == 1:  # no accumulator buffers (one parameter-sized copy less)
-            (loss, metrics), grads = grad_fn(trainable, frozen, first, keys[0])
+            (loss, metrics), grads = grads_of(first, keys[0])
         else:
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros(), (batch, keys))
-        weight = jnp.maximum(metrics["weight"], 1.0)
+        weight = jnp.maximum(totals["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
@@ -121,8 +143,8 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        out = {k: (v if k == "weight" else v / weight) for k, v in metrics.items()}
-        out.update(loss=loss / weight, grad_norm=grad_norm, lr=schedule(step_index))
+        out = normalize(objective, metrics, totals)
+        out.update(loss=loss / weight, grad_norm=grad_norm, lr=schedule(step_index), weight=totals["weight"])
         return trainable, opt_state, out
 
     out_shardings = None if state_shardings is None else (*state_shardings, None)
@@ -131,29 +153,34 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
     return step_fn
 
 
-def make_eval_step(graphdef, objective):
-    def step(trainable, frozen, batch):
+def normalize(objective, sums: dict, totals: dict) -> dict:
+    """Each metric sum divided by its denominator's total (terms and counts left out); a metric whose
+    denominator is 0 in this batch (KTO without undesirable completions) is NaN, dropped from logs."""
+    out = {}
+    for key, value in sums.items():
+        if key == "weight" or key in objective.loss_terms:
+            continue
+        total = totals[objective.denominator(key)]
+        out[key] = jnp.where(total > 0, value / jnp.maximum(total, 1.0), jnp.nan)
+    return out
+
+
+def make_eval_step(graphdef, objective, *, reference: bool = False):
+    """(trainable, frozen, batch, ref_params=None) -> (loss sum, metric and term sums, totals) of one
+    eval batch; `Trainer.evaluate` adds them up over the eval set and divides once."""
+    def step(trainable, frozen, batch, ref_params=None):
         model = nnx.merge(graphdef, trainable, frozen)
-        loss, metrics = objective.loss(model, batch, None)
-        return loss, metrics["weight"]
+        ref = _reference_of(graphdef, objective, reference, trainable, frozen, ref_params, batch)
+        totals = objective.totals(batch)
+        loss, sums = objective.loss(model, batch, None, ref, totals)
+        return loss, sums, totals
 
     return jax.jit(step)
 
 
-def stack_micro_batches(group: list[dict], accum: int, pad_id: int) -> dict[str, np.ndarray]:
-    """[A, B, L] from up to A micro-batches (padded to the longest; missing ones all padding)."""
-    length = max(b["input_ids"].shape[1] for b in group)
-    rows = group[0]["input_ids"].shape[0]
-    padded = []
-    for b in group:
-        extra = length - b["input_ids"].shape[1]
-        if extra:
-            b = {k: np.pad(v, ((0, 0), (0, extra)), constant_values={"input_ids": pad_id, "labels": -100}.get(k, 0))
-                 for k, v in b.items()}
-        padded.append(b)
-    while len(padded) < accum:
-        padded.append(pad_batch([None] * rows, length, pad_id))
-    return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
+def stack_micro_batches(group: list[dict], accum: int, layout: Layout) -> dict[str, np.ndarray]:
+    """[A, B, ...] from up to A micro-batches (padded to the longest; missing ones all padding)."""
+    return layout.stack(group, accum)
 
 
 class Trainer:
@@ -171,30 +198,69 @@ class Trainer:
         share, shares, ranks = M.host_batch_share(self.mesh)
         # Every process must build the same global shapes: with several, rows pad to sequence_len.
         pad_to_len = cfg.pad_to_sequence_len or jax.process_count() > 1
-        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=cfg.sequence_len,
+        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=data.row_len,
                                   pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=pad_to_len,
-                                  shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares)
+                                  shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares,
+                                  collate=objective.collate)
         self.eval_loader = None
         if data.eval is not None and len(data.eval):
             self.eval_loader = BatchLoader(data.eval, batch_size=(cfg.eval_batch_size or cfg.micro_batch_size) * ranks,
-                                           sequence_len=cfg.sequence_len, pad_id=self.pad_id, packed=data.eval_packed,
+                                           sequence_len=data.row_len, pad_id=self.pad_id, packed=data.eval_packed,
                                            pad_to_sequence_len=pad_to_len, shuffle=False,
-                                           shard_index=share, shard_count=shares)
+                                           shard_index=share, shard_count=shares, collate=objective.collate)
         self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
         self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps)
         placed = M.place_training_state(self.mesh_plan, self.mesh, trainable, frozen, self.optimizer)
         self.trainable, self.frozen, self.opt_state = placed.trainable, placed.frozen, placed.opt_state
         nnx.update(model, self.trainable, self.frozen)  # the model holds the placed arrays, not a second copy
+        # The reference model: built in the step (adapters off, plus a copy of whatever else differs from the
+        # start), or its log-probs precomputed once for every row; both from the starting weights, taken here
+        # before any resume.
+        precompute = objective.needs_reference and bool(cfg.precompute_ref_log_probs)
+        self.reference = objective.needs_reference and not precompute
+        self.ref_params = None
+        if self.reference:
+            from jaxtune.objectives.reference import initial_copy
+
+            self.ref_params = initial_copy(self.trainable, fresh_adapters=spec is not None and not cfg.lora_model_dir)
+        if precompute:
+            self.loader.rows = self._precomputed(data.train, "train", ranks, data.packed)
+            if self.eval_loader is not None:
+                self.eval_loader.rows = self._precomputed(data.eval, "eval", ranks, data.eval_packed)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.rng = jax.random.wrap_key_data(M.place(jax.random.key_data(jax.random.key(cfg.seed)), replicated))
-        use_rng = spec is not None and spec.dropout > 0
+        use_rng = objective.uses_dropout and spec is not None and spec.dropout > 0
         self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng,
-                                          **placed.step_shardings)
-        self.eval_step = make_eval_step(self.graphdef, objective)
+                                          reference=self.reference, **placed.step_shardings)
+        self.eval_step = make_eval_step(self.graphdef, objective, reference=self.reference)
         self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
         self.step = 0
         self.position = {"loader": None, "batch_in_epoch": 0}
+
+    def _precomputed(self, rows, split: str, ranks: int, packed: bool):
+        """`rows` with the reference's log-probs of every row (objectives/reference.py: computed once
+        from the starting weights, stored beside the prepared data)."""
+        from jaxtune.objectives.reference import WithColumn, fingerprint, precompute
+
+        objective, cfg = self.objective, self.cfg
+        path = self.data.path / f"ref_logps-{fingerprint(cfg, self.data.path, objective)}-{split}.npy"
+        batch_rows = (cfg.eval_batch_size or cfg.micro_batch_size) * ranks
+        buckets = BatchLoader(rows, batch_size=batch_rows, sequence_len=self.data.row_len, pad_id=self.pad_id,
+                              packed=packed, shard_index=0, shard_count=1, collate=objective.collate)
+        graphdef = self.graphdef
+        step = jax.jit(lambda trainable, frozen, batch: objective.reference_logps(
+            nnx.merge(graphdef, trainable, frozen), batch))
+
+        def compute(chunk):
+            host = objective.finalize(buckets.collate_rows(chunk))
+            with jax.set_mesh(self.mesh):
+                out = step(self.trainable, self.frozen, M.place_batch(host, self.mesh, objective.layout,
+                                                                      whole=True))
+            return M.to_host(out)[:len(chunk)]
+
+        values = precompute(path, rows, compute, batch_rows=batch_rows, write=jax.process_index() == 0)
+        return WithColumn(rows, objective.reference_key, values)
 
     # -- state ------------------------------------------------------------------------------
     def _state_tree(self) -> dict:
@@ -230,14 +296,29 @@ class Trainer:
         info(f"resumed from {source.directory / str(step)} at step {self.step}")
 
     # -- loop -------------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        total, weight = 0.0, 0.0
+    def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return M.place_batch(self.objective.finalize(batch), self.mesh, self.objective.layout)
+
+    def evaluate(self) -> dict[str, float]:
+        """The eval set's loss and the objective's metrics (`eval_loss`, `eval_<metric>`): sums over all
+        eval batches divided once by their totals."""
+        objective = self.objective
+        loss_sum, sums, totals = 0.0, {}, {}
         for batch in self.eval_loader.iterate(num_epochs=1):
             with jax.set_mesh(self.mesh):
-                loss, w = self.eval_step(self.trainable, self.frozen, M.place_batch(batch, self.mesh))
-            total += float(loss)
-            weight += float(w)
-        return total / max(weight, 1.0)
+                loss, s, t = jax.device_get(self.eval_step(self.trainable, self.frozen, self._place(batch),
+                                                           self.ref_params))
+            loss_sum += float(loss)
+            for src, dst in ((s, sums), (t, totals)):
+                for k, v in src.items():
+                    dst[k] = dst.get(k, 0.0) + float(v)
+        if len(objective.loss_terms) == 1:
+            eval_loss = loss_sum / max(totals["weight"], 1.0)
+        else:
+            eval_loss = sum(sums[t] / max(totals[d], 1.0) for t, d in objective.loss_terms.items())
+        metrics = {k: v for k, v in jax.device_get(normalize(objective, sums, totals)).items()}
+        metrics = objective.finish({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+        return {"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}
 
     def train(self, metrics: MetricsWriter) -> dict:
         """Run until total_steps; returns the last record. Ctrl-C saves a checkpoint and re-raises."""
@@ -267,12 +348,13 @@ class Trainer:
                         break
                 if not group:
                     break
-                stacked = stack_micro_batches(group, self.accum, self.pad_id)
+                stacked = stack_micro_batches(group, self.accum, self.objective.layout)
                 tokens = int((stacked["segment_ids"] > 0).sum()) * self.loader.shard_count  # about all hosts'
+                slots = int(stacked["segment_ids"].size) * self.loader.shard_count  # padding included
                 with jax.set_mesh(self.mesh):
                     self.trainable, self.opt_state, out = self.train_step(
-                        self.trainable, self.frozen, self.opt_state, M.place_batch(stacked, self.mesh), self.rng,
-                        np.int32(self.step))
+                        self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng,
+                        np.int32(self.step), self.ref_params)
                 record = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.step += 1
                 if not math.isfinite(record["loss"]):
@@ -282,20 +364,25 @@ class Trainer:
                         + " (lower learning_rate or check the data of this step)")
                 self.position = {"loader": self.loader.state(), "batch_in_epoch": in_epoch}
                 elapsed = time.perf_counter() - started
+                extra = self.objective.finish({k: v for k, v in record.items()
+                                               if k not in ("loss", "lr", "grad_norm", "weight") and math.isfinite(v)})
                 record = {"step": self.step, "loss": record["loss"], "lr": record["lr"],
                           "grad_norm": record["grad_norm"], "tokens_per_sec": tokens / max(elapsed, 1e-9),
-                          "epoch": round(self.step / plan.steps_per_epoch, 4), "trained_tokens": int(record["weight"]),
-                          **{k: v for k, v in record.items() if k not in ("loss", "lr", "grad_norm", "weight")}}
+                          "step_seconds": round(elapsed, 4), "token_slots": slots,
+                          "epoch": round(self.step / plan.steps_per_epoch, 4),
+                          self.objective.unit: int(record["weight"]), **extra}
                 if self.step % self.cfg.logging_steps == 0 or self.step == plan.total_steps:
                     metrics.write(record)
                 progress.update(self.step, record)
                 last = record
                 final = self.step == plan.total_steps
                 if plan.eval_every and (self.step % plan.eval_every == 0 or final):
-                    eval_loss = self.evaluate()
-                    metrics.write({"step": self.step, "eval_loss": eval_loss, "epoch": record["epoch"]})
-                    progress.message(f"step {self.step}: eval_loss {eval_loss:.4f}")
-                    last = {**last, "eval_loss": eval_loss}
+                    evaluated = self.evaluate()
+                    metrics.write({"step": self.step, **evaluated, "epoch": record["epoch"]})
+                    progress.message(f"step {self.step}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in evaluated.items() if k in ("eval_loss", "eval_rewards/accuracies",
+                                                                          "eval_rewards/margins")))
+                    last = {**last, **evaluated}
                 if plan.save_every and (self.step % plan.save_every == 0 or final):
                     self.save()
                     saved_step = self.step

@@ -39,9 +39,9 @@ def marked_tokenizer(tokenizer):
 
 
 def encode(tok, entry: dict, rows: list[dict], *, template="tokenizer_default", train_on_inputs=False,
-           sequence_len=4096, eot_tokens=None):
+           sequence_len=4096, eot_tokens=None, rl=None):
     enc = build_encoder(DatasetConfig(**entry), tok=tokenizer_info(tok, eot_tokens), top_template=template,
-                        top_jinja=None, train_on_inputs=train_on_inputs, sequence_len=sequence_len)
+                        top_jinja=None, train_on_inputs=train_on_inputs, sequence_len=sequence_len, rl=rl)
     out = []
     for i, row in enumerate(rows):
         out += enc(row, f"row {i}")
@@ -214,24 +214,6 @@ def test_completion_pretrain_and_input_output(tokenizer):
     assert ex["labels"] == [IGNORE] * len(a) + b + [IGNORE] * len(c)
 
 
-def test_preference_pairs(tokenizer):
-    row = {"messages": [{"role": "user", "content": "Pick a fruit"}], "chosen": "Apple", "rejected": "Rock"}
-    [ex] = encode(tokenizer, {"path": "x", "type": "chat_template.default"}, [row])
-    im_end = tokenizer.eos_token_id
-    for name, answer in (("chosen", "Apple"), ("rejected", "Rock")):
-        msgs = row["messages"] + [{"role": "assistant", "content": answer}]
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        assert ex[f"{name}_input_ids"] == ids_of(tokenizer, full)
-        assert [t for t in ex[f"{name}_labels"] if t != IGNORE] == ids_of(tokenizer, answer) + [im_end]
-    intel = {"system": "Be kind", "question": "Pick a fruit", "chosen": "Apple", "rejected": "Rock"}
-    [ex] = encode(tokenizer, {"path": "x", "type": "chatml.intel"}, [intel])
-    assert [t for t in ex["chosen_labels"] if t != IGNORE] == ids_of(tokenizer, "Apple") + [im_end]
-    assert "Be kind" in tokenizer.decode(ex["rejected_input_ids"])
-    [ex] = encode(tokenizer, {"path": "x", "type": "chatml.prompt_pairs"},
-                  [{"prompt": "Pick a fruit", "chosen": "Apple", "rejected": "Rock"}])
-    assert [t for t in ex["rejected_labels"] if t != IGNORE] == ids_of(tokenizer, "Rock") + [im_end]
-
-
 def test_prompt_rows_keep_other_columns(tokenizer):
     [ex] = encode(tokenizer, {"path": "x", "type": "prompt"}, [{"prompt": "2+2?", "answer": "4"}])
     text = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)
@@ -257,4 +239,4 @@ def test_keys_a_type_does_not_read_are_errors(tokenizer):
     with pytest.raises(JaxtuneError, match="field_messages does not apply to type 'alpaca'"):
         encode(tokenizer, {"path": "x", "type": "alpaca", "field_messages": "conversations"}, [])
     with pytest.raises(JaxtuneError, match="field_chosen does not apply to type 'chatml.intel'"):
-        encode(tokenizer, {"path": "x", "type": "chatml.intel", "field_chosen": "good"}, [])
+        encode(tokenizer, {"path": "x", "type": "chatml.intel", "field_chosen": "good"}, [], rl="dpo")

@@ -229,19 +229,6 @@ def test_preprocess_cli_debug_with_two_processes(tmp_path, smollm2_dir, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_preference_rows_through_prepare_and_preprocess_shards(tmp_path, smollm2_dir):
-    rows = [{"prompt": f"Pick {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(9)]
-    write_jsonl(tmp_path / "p.jsonl", rows)
-    entry = [{"path": str(tmp_path / "p.jsonl"), "type": "chatml.prompt_pairs", "preprocess_shards": 3}]
-    data = prepare(config(tmp_path, smollm2_dir, entry, shuffle_merged_datasets=False))
-    assert data.kind == "preference" and len(data.train) == 9
-    assert {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} <= set(data.train.column_names)
-    assert [data.tokenizer.decode([t for t in x if t != -100]) for x in data.train["chosen_labels"][:2]] == \
-        ["yes 0<|im_end|>", "yes 1<|im_end|>"]
-    with pytest.raises(JaxtuneError, match="sample_packing applies to SFT rows"):
-        prepare(config(tmp_path, smollm2_dir, entry, sample_packing=True))
-
-
 def test_loader_pads_to_sequence_len_when_asked():
     import datasets
 
@@ -250,15 +237,3 @@ def test_loader_pads_to_sequence_len_when_asked():
         loader = BatchLoader(rows, batch_size=2, sequence_len=200, pad_id=0, packed=False, pad_to_sequence_len=pad,
                              shard_index=0, shard_count=1)
         assert {b["input_ids"].shape for b in loader.iterate()} == {(2, width)}
-
-
-def test_preprocess_debug_shows_preference_pairs(tmp_path, smollm2_dir, capsys):
-    from jaxtune.cli import main
-
-    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Pick", "chosen": "yes", "rejected": "no"}])
-    (tmp_path / "c.yml").write_text(f"base_model: {smollm2_dir}\ndatasets:\n  - path: p.jsonl\n"
-                                    f"    type: chatml.prompt_pairs\ndataset_prepared_path: {tmp_path / 'prep'}\n")
-    assert main(["preprocess", str(tmp_path / "c.yml"), "--debug"]) == 0
-    out = capsys.readouterr().out
-    assert "=== example 0 (chosen)" in out and "=== example 0 (rejected)" in out
-    assert any(" * " in line and "'yes'" in line for line in out.splitlines())

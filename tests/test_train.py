@@ -191,8 +191,8 @@ def test_training_config_errors():
         build_config({"optimizer": "adamw_torch_fuzed"})
     with pytest.raises(ConfigError, match="adapter: qlora needs load_in_4bit"):
         build_config({"adapter": "qlora", "lora_target_linear": True})
-    with pytest.raises(ConfigError, match="'rl' is not supported"):
-        build_config({"rl": "dpo"})
+    with pytest.raises(ConfigError, match="rl: grpo is not in this release"):
+        build_config({"rl": "grpo"})
     with pytest.raises(ConfigError, match="lora_target_linear set without adapter"):
         build_config({"lora_target_linear": True})
     cfg = build_config({"flash_attention": True, "sequence_parallel_degree": 1, "tf32": True})

@@ -31,18 +31,20 @@ from jaxtune.config.base import (
     rewrite_deprecated,
     warn_no_effect,
 )
-from jaxtune.config.data import DataKeys, DatasetConfig, UserDefinedFormat
+from jaxtune.config.data import DataKeys, DatasetConfig, UserDefinedFormat, UserDefinedPreference
 from jaxtune.config.model import ModelKeys
 from jaxtune.config.parallel import ParallelKeys
+from jaxtune.config.rl import RLKeys
 from jaxtune.config.train import TrainKeys
 
-__all__ = ["Config", "ConfigError", "DatasetConfig", "UserDefinedFormat", "DEPRECATED_KEYS", "NO_EFFECT_KEYS",
+__all__ = ["Config", "ConfigError", "DatasetConfig", "UserDefinedFormat", "UserDefinedPreference", "DEPRECATED_KEYS",
+           "NO_EFFECT_KEYS",
            "NOT_SUPPORTED_KEYS", "Section", "build_config", "load_config", "dump_config", "parse_override"]
 
 
-class Config(ModelKeys, DataKeys, TrainKeys, ParallelKeys):
-    """The whole config: model, data, training and parallelism keys in one flat mapping, as Axolotl
-    writes it."""
+class Config(ModelKeys, DataKeys, TrainKeys, ParallelKeys, RLKeys):
+    """The whole config: model, data, training, parallelism and preference keys in one flat mapping,
+    as Axolotl writes it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +66,10 @@ def _fields_of(model: type[BaseModel]) -> list[str]:
 def _section_for(loc: tuple) -> type[BaseModel]:
     if loc and loc[0] in ("datasets", "test_datasets"):
         return UserDefinedFormat if len(loc) > 3 and loc[2] == "type" else DatasetConfig
+    if loc and loc[0] == "trl":
+        from jaxtune.config.rl import TRLKeys
+
+        return TRLKeys
     return Config
 
 

@@ -40,6 +40,7 @@ DEPRECATED_KEYS: dict[str, dict[str, str | tuple[str, Callable[[Any], Any]]]] = 
         "flex_attention": ("attn_implementation", lambda v: _attn(v, "flex_attention")),
         "eager_attention": ("attn_implementation", lambda v: _attn(v, "eager")),
         "sequence_parallel_degree": "context_parallel_size",
+        "dpo_beta": "rl_beta",
     },
     "dataset": {
         "train_on_split": "split",
@@ -98,11 +99,19 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "save_safetensors": "exports are always safetensors",
     "eval_table_size": "prediction tables are not logged",
     "eval_max_new_tokens": "prediction tables are not logged",
+    "dpo_use_liger_kernel": "Liger's DPO loss is a Triton kernel; jaxtune computes the preference losses from "
+                            "chunked log-probs without logits (as fused as Liger's)",
+    "dpo_padding_free": "preference rows are already laid out without padding inside a row (packed pairs, "
+                        "shared prompts)",
 }
 
 # Keys for features jaxtune does not have: an error when set to anything but their off value.
 NOT_SUPPORTED_KEYS: dict[str, str] = {
-    "rl": "preference and RL objectives (DPO/ORPO/KTO/GRPO) are not in this release; only SFT trains",
+    "rpo_alpha": "RPO's NLL term was removed from TRL 0.29; use rl: dpo with dpo_loss_type [sigmoid, sft] and "
+                 "dpo_loss_weights [1, alpha]",
+    "dpo_norm_loss": "no longer supported by Axolotl/TRL; use dpo_loss_type [sigmoid_norm]",
+    "dpo_use_logits_to_keep": "no longer supported by Axolotl/TRL (log-probs are computed only for the completions)",
+    "dpo_generate_during_eval": "no longer supported by Axolotl/TRL",
     "reward_model": "reward-model training is not supported",
     "process_reward_model": "reward-model training is not supported",
     "gptq": "GPTQ checkpoints are not supported; use adapter: qlora with load_in_4bit",

@@ -37,13 +37,29 @@ class UserDefinedFormat(Section):
         return v
 
 
+class UserDefinedPreference(Section):
+    """`type:` given as a mapping for a preference or KTO dataset (Axolotl's user_defined.default)."""
+
+    field_prompt: str | None = Field(None, description="Column holding the prompt (default `prompt`).")
+    field_system: str | None = Field(None, description="Column holding a system text (default `system`).")
+    field_chosen: str | None = Field(None, description="DPO: column of the chosen response (default `chosen`).")
+    field_rejected: str | None = Field(None, description="DPO: column of the rejected response (default `rejected`).")
+    field_completion: str | None = Field(None, description="KTO: column of the completion (default `completion`).")
+    field_label: str | None = Field(None, description="KTO: column of the boolean label (default `label`).")
+    prompt_format: str | None = Field(None, description="How the prompt is written: {prompt} and optionally "
+                                      "{system}.")
+    chosen_format: str | None = Field(None, description="How the chosen response is written ({chosen}).")
+    rejected_format: str | None = Field(None, description="How the rejected response is written ({rejected}).")
+    completion_format: str | None = Field(None, description="KTO: how the completion is written ({completion}).")
+
+
 class DatasetConfig(Section):
     """One entry of `datasets:` / `test_datasets:`."""
 
     path: str = Field(..., description="Local file or directory, datasets hub id, or fsspec URL (s3://, gs://, file://...).")
-    type: str | UserDefinedFormat | None = Field(
+    type: str | UserDefinedFormat | UserDefinedPreference | None = Field(
         None, description="Row format: alpaca, completion, input_output, chat_template, sharegpt (deprecated), "
-        "pretrain, a preference or prompt type, or a user-defined mapping.")
+        "pretrain, a preference type (with rl:), a prompt type, or a user-defined mapping.")
     ds_type: Literal["json", "jsonl", "parquet", "csv", "arrow", "text"] | None = Field(
         None, description="File type when the extension does not say it.")
     data_files: str | list[str] | None = Field(None, description="Files within `path` (or hub repo) to load.")
@@ -67,10 +83,19 @@ class DatasetConfig(Section):
     chat_template: str | None = Field(None, description="Per-dataset chat template (as the top-level key).")
     chat_template_jinja: str | None = Field(None, description="Per-dataset jinja template (chat_template: jinja).")
     drop_system_message: bool = Field(False, description="Remove system messages before rendering.")
-    # preference pairs and prompts
+    # preference pairs, KTO rows and prompts (user_defined.default reads the formats)
     field_prompt: str | None = Field(None, description="Preference/prompt rows: the prompt column.")
+    field_system: str | None = Field(None, description="user_defined.default: the system column.")
     field_chosen: str | None = Field(None, description="Preference rows: the chosen response column.")
     field_rejected: str | None = Field(None, description="Preference rows: the rejected response column.")
+    field_completion: str | None = Field(None, description="KTO rows: the completion column.")
+    field_label: str | None = Field(None, description="KTO rows: the boolean label column (true: desirable).")
+    prompt_format: str | None = Field(None, description="user_defined.default: how the prompt is written.")
+    chosen_format: str | None = Field(None, description="user_defined.default: how the chosen response is written.")
+    rejected_format: str | None = Field(None, description="user_defined.default: how the rejected response is "
+                                        "written.")
+    completion_format: str | None = Field(None, description="user_defined.default (KTO): how the completion is "
+                                          "written.")
 
     @model_validator(mode="before")
     @classmethod

@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 from collections.abc import Sequence
 
+from jaxtune.batch import IGNORE
 from jaxtune.errors import JaxtuneError
 
 DEFAULT_ROLE_MAP: dict[str, list[str]] = {
@@ -32,7 +33,6 @@ DEFAULT_ROLE_MAP: dict[str, list[str]] = {
     "system": ["system"],
     "tool": ["tool", "ipython", "function"],
 }
-IGNORE = -100
 _PLACEHOLDER = "\x01"
 
 

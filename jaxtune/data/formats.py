@@ -1,9 +1,9 @@
 """Row formats (`type:`): a dataset row -> tokenized examples with labels.
 
-Three kinds of examples come out:
+Kinds of examples that come out:
   - "sft":        {input_ids, labels}; labels are -100 where a token does not train;
-  - "preference": {chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}, the prompt
-                  masked in both (DPO/IPO/ORPO/KTO read these);
+  - "preference" and "unpaired": pairs and KTO's labelled completions (data/preference.py), for the
+                  `rl:` objectives;
   - "prompt":     {prompt_ids} plus the row's other columns as they are (GRPO's rewards read them).
 
 Prompt formats tokenize each piece (prompt, response) separately and concatenate the ids, so the
@@ -16,9 +16,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.config import DatasetConfig, UserDefinedFormat
+from jaxtune.config import DatasetConfig, UserDefinedFormat, UserDefinedPreference
 from jaxtune.data import chat
 from jaxtune.data.chat import IGNORE, ChatSpec
+from jaxtune.data.preference import KTO_TYPES, PAIR_TYPES, build_preference_encoder, preference_type_keys
 from jaxtune.data.templates import NAMED_END_OF_TURN, resolve_chat_template
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import warn_once
@@ -159,35 +160,6 @@ class ChatEncoder(Encoder):
 
 
 @dataclasses.dataclass
-class PreferenceEncoder(Encoder):
-    """Prompt + chosen / prompt + rejected, rendered with a chat template, prompt masked.
-
-    `read` maps a row to (prompt messages, chosen message, rejected message).
-    """
-
-    tok: TokenizerInfo
-    spec: ChatSpec
-    read: Callable[[dict, str], tuple[list[dict], dict, dict]]
-    columns: tuple[str, ...] = ()
-    type_name: str = "preference"
-    kind = "preference"
-
-    def __call__(self, row, where):
-        prompt, chosen, rejected = self.read(row, where)
-        prompt = chat.normalize_messages(prompt, self.spec, where) if prompt else []
-        out = {}
-        for name, answer in (("chosen", chosen), ("rejected", rejected)):
-            messages = prompt + chat.normalize_messages([answer], self.spec, where)
-            if messages[-1]["role"] != "assistant":
-                raise JaxtuneError(f"{where}: the {name} response must be an assistant message")
-            # Only the response trains: assistant turns inside the prompt are context.
-            trained = [False] * (len(messages) - 1) + [True]
-            ids, labels = chat.encode_conversation(self.tok.tokenizer, self.spec, messages, where, trained=trained)
-            out[f"{name}_input_ids"], out[f"{name}_labels"] = ids, labels
-        return [out]
-
-
-@dataclasses.dataclass
 class PromptEncoder(Encoder):
     """Prompt-only rows (GRPO): the prompt rendered with the generation prompt; other columns kept."""
 
@@ -209,36 +181,9 @@ class PromptEncoder(Encoder):
         return [{"prompt_ids": self.tok.tokenizer(text, add_special_tokens=False)["input_ids"], **extra}]
 
 
-def _message(value, where: str, name: str) -> dict:
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return value[-1]
-    raise JaxtuneError(f"{where}: field {name!r} must be a string or an assistant message")
-
-
-def _read_default(field_messages: str, field_chosen: str, field_rejected: str):
-    def read(row, where):
-        prompt = row.get(field_messages)
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        return prompt or [], _message(row.get(field_chosen), where, field_chosen), \
-            _message(row.get(field_rejected), where, field_rejected)
-    return read
-
-
-def _read_intel(row, where):
-    prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    prompt.append({"role": "user", "content": _field(row, "question", where)})
-    return prompt, _message(row.get("chosen"), where, "chosen"), _message(row.get("rejected"), where, "rejected")
-
-
 SFT_TYPES = ("alpaca", "completion", "pretrain", "input_output", "chat_template", "sharegpt")
-PREFERENCE_TYPES = ("chat_template.default", "chatml.intel", "chatml.prompt_pairs")
 PROMPT_TYPES = ("prompt",)
-SUPPORTED_TYPES = SFT_TYPES + PREFERENCE_TYPES + PROMPT_TYPES
+SUPPORTED_TYPES = SFT_TYPES + PROMPT_TYPES + tuple(dict.fromkeys(PAIR_TYPES + KTO_TYPES))
 
 
 # Dataset keys each type reads, besides the ones every type reads (where and how to load the rows).
@@ -250,10 +195,8 @@ TYPE_KEYS: dict[str, set[str]] = {
     "alpaca": set(), "user-defined": set(), "input_output": set(),
     "completion": {"field"}, "pretrain": {"field"},
     "chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS,
-    "chat_template.default": _CHAT_KEYS | {"field_chosen", "field_rejected"},
-    "chatml.intel": {"train_on_eos", "drop_system_message"},
-    "chatml.prompt_pairs": {"train_on_eos"},
     "prompt": _CHAT_KEYS | {"field_prompt"},
+    **{t: preference_type_keys(t, _CHAT_KEYS) for t in PAIR_TYPES + KTO_TYPES},
 }
 
 
@@ -273,8 +216,8 @@ def end_of_turn_ids(tok: TokenizerInfo, template_name: str | None) -> frozenset[
 
 
 def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str, top_jinja: str | None,
-                  train_on_inputs: bool, sequence_len: int) -> Encoder:
-    """The encoder for one `datasets:` entry."""
+                  train_on_inputs: bool, sequence_len: int, rl: str | None = None) -> Encoder:
+    """The encoder for one `datasets:` entry (`rl`: the preference objective, whose rows it makes)."""
     kind = entry.type
     if kind is None:
         raise JaxtuneError(f"dataset {entry.path}: set `type:` (one of {', '.join(SUPPORTED_TYPES)}, or a "
@@ -282,6 +225,19 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
     if isinstance(kind, str) and kind not in TYPE_KEYS:
         raise JaxtuneError(f"dataset {entry.path}: unknown type '{kind}'; supported: {', '.join(SUPPORTED_TYPES)} "
                            "(or a user-defined mapping)")
+    if rl is not None and rl != "grpo":
+        if train_on_inputs:
+            raise JaxtuneError(f"dataset {entry.path}: train_on_inputs does not apply to rl: {rl} (only the "
+                               "responses are compared)")
+        name = kind if isinstance(kind, str) else "user_defined.default"
+        _check_keys(entry, name if name in TYPE_KEYS else "user_defined.default")
+        return build_preference_encoder(entry, tok=tok, rl=rl, top_template=top_template, top_jinja=top_jinja)
+    if isinstance(kind, str) and kind in PAIR_TYPES + KTO_TYPES and kind not in SFT_TYPES:
+        raise JaxtuneError(f"dataset {entry.path}: type '{kind}' makes preference rows; set rl: dpo (or ipo, orpo, "
+                           "simpo) for pairs, or rl: kto for labelled completions")
+    if isinstance(kind, UserDefinedPreference):
+        raise JaxtuneError(f"dataset {entry.path}: this user-defined type maps preference fields; set rl: dpo (or "
+                           "kto) to train on it")
     _check_keys(entry, kind if isinstance(kind, str) else "user-defined")
     if isinstance(kind, UserDefinedFormat):
         return PromptFormatEncoder(tok, kind, train_on_inputs)
@@ -311,17 +267,6 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
             return ChatEncoder(tok, spec(field_messages="conversations",
                                          mappings={"role": "from", "content": "value"}), type_name="sharegpt")
         return ChatEncoder(tok, spec())
-    if kind in PREFERENCE_TYPES and train_on_inputs:
-        raise JaxtuneError(f"dataset {entry.path}: train_on_inputs does not apply to preference pairs (type {kind})")
-    if kind == "chat_template.default":
-        fm, fc, fr = entry.field_messages or "messages", entry.field_chosen or "chosen", entry.field_rejected or "rejected"
-        return PreferenceEncoder(tok, spec(), _read_default(fm, fc, fr), columns=(fc, fr), type_name=kind)
-    if kind == "chatml.intel":
-        return PreferenceEncoder(tok, spec("chatml"), _read_intel, columns=("question", "chosen", "rejected"),
-                                 type_name=kind)
-    if kind == "chatml.prompt_pairs":
-        return PreferenceEncoder(tok, spec("chatml"), _read_default("prompt", "chosen", "rejected"),
-                                 columns=("prompt", "chosen", "rejected"), type_name=kind)
     return PromptEncoder(tok, spec(), entry.field_prompt or "prompt")
 
 

@@ -6,9 +6,10 @@ Hosts whose share is one row short get an all-padding row (labels -100: it train
 last batch of an epoch is filled the same way, so every host runs the same number of steps and no
 row is dropped.
 
-Batches are numpy dicts: input_ids, labels, segment_ids, positions, all [batch, length] int32.
-Packed rows are padded to sequence_len; unpacked ones to the smallest length bucket that holds the
-batch (or sequence_len with pad_to_sequence_len), so only a few shapes ever compile.
+Batches are numpy dicts made by the objective's `collate(rows, length)` (SFT: input_ids, labels,
+segment_ids, positions, all [batch, length] int32). Packed rows are padded to `sequence_len` (the
+row length); unpacked ones to the smallest length bucket that holds the batch (or the row length with
+pad_to_sequence_len), so only a few shapes ever compile.
 
 The iterator's state is {"epoch", "grain"} (grain's own iterator state within the epoch): saving it
 with a checkpoint and passing it back to `iterate(state=...)` resumes at the very next batch.
@@ -17,7 +18,7 @@ with a checkpoint and passing it back to `iterate(state=...)` resumes at the ver
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,7 +42,8 @@ class _HostShard(Sequence):
 class BatchLoader:
     def __init__(self, rows, *, batch_size: int, sequence_len: int, pad_id: int, packed: bool,
                  pad_to_sequence_len: bool = False, shuffle: bool = True, seed: int = 0,
-                 shard_index: int | None = None, shard_count: int | None = None):
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 collate: Callable[[Sequence[dict | None], int], dict[str, np.ndarray]] | None = None):
         if shard_index is None or shard_count is None:
             import jax
 
@@ -55,19 +57,21 @@ class BatchLoader:
         self.shard_index, self.shard_count = shard_index, shard_count
         self.rows_per_host = math.ceil(len(rows) / shard_count)
         self.buckets = length_buckets(sequence_len)
+        self.collate = collate or (lambda rows, length: pad_batch(list(rows), length, pad_id))
 
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(self.rows_per_host / self.batch_size)
 
-    def _collate(self, rows: Sequence[dict | None]) -> dict[str, np.ndarray]:
+    def collate_rows(self, rows: Sequence[dict | None]) -> dict[str, np.ndarray]:
+        """A batch of `batch_size` rows (missing ones all padding) at this loader's length rule."""
         rows = list(rows) + [None] * (self.batch_size - len(rows))
         if self.packed or self.pad_to_sequence_len:
             length = self.sequence_len
         else:
             longest = max((len(r["input_ids"]) for r in rows if r is not None), default=1)
             length = next(b for b in self.buckets if b >= longest)
-        return pad_batch(rows, length, self.pad_id)
+        return self.collate(rows, length)
 
     def epoch_dataset(self, epoch: int):
         import grain
@@ -76,7 +80,7 @@ class BatchLoader:
         if self.shuffle:
             source = source.shuffle(seed=self.seed + epoch)
         host = grain.MapDataset.source(_HostShard(source, self.shard_index, self.shard_count, self.rows_per_host))
-        return host.batch(self.batch_size, drop_remainder=False, batch_fn=self._collate)
+        return host.batch(self.batch_size, drop_remainder=False, batch_fn=self.collate_rows)
 
     def iterate(self, num_epochs: int | None = 1, state: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Batches over `num_epochs` (None: forever), starting from a saved `state`."""

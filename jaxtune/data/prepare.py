@@ -25,7 +25,8 @@ from jaxtune.data.formats import Encoder, build_encoder, tokenizer_info
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import info
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+PREFERENCE_KINDS = ("preference", "unpaired")  # rows of laid-out examples (data/preference.py)
 
 
 class EmptyDatasetError(JaxtuneError):
@@ -36,12 +37,14 @@ class EmptyDatasetError(JaxtuneError):
 class PreparedData:
     train: object  # datasets.Dataset
     eval: object | None
-    kind: str  # sft | preference | prompt
+    kind: str  # sft | preference | unpaired | prompt
     stats: dict
     path: Path
     tokenizer: object
     packed: bool
     eval_packed: bool
+    row_len: int  # tokens a row may hold: sequence_len, or twice it for preference rows (two answers)
+    examples_per_row: int = 1  # the most examples (pairs, completions) a row holds
 
     @property
     def vocab_size(self) -> int:
@@ -97,7 +100,7 @@ def cache_key(cfg: Config, tokenizer) -> str:
     data_keys = ["dataset_weights", "shuffle_merged_datasets", "val_set_size", "dataset_shard_num",
                  "dataset_shard_idx", "seed", "sequence_len", "excess_length_strategy", "sample_packing",
                  "eval_sample_packing", "train_on_inputs", "chat_template", "chat_template_jinja", "eot_tokens",
-                 "special_tokens", "tokens"]
+                 "special_tokens", "tokens", "rl", "prefix_sharing", "kto_loss_type"]
     payload = {
         "version": CACHE_VERSION,
         "config": {k: getattr(cfg, k) for k in data_keys},
@@ -107,6 +110,8 @@ def cache_key(cfg: Config, tokenizer) -> str:
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         "special": tokenizer.special_tokens_map,
         "template": getattr(tokenizer, "chat_template", None),
+        # KTO's KL completions come from the example before, within chunks of micro_batch_size (TRL's rule)
+        "kl_chunk": cfg.micro_batch_size if cfg.rl == "kto" else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -138,36 +143,82 @@ def _tokenize(ds, encoder: Encoder, where: str, processes: int, shards: int | No
 
 def _length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
     """Drop / truncate / reject rows longer than sequence_len, and drop rows with nothing to train."""
-    limit = cfg.sequence_len
     if kind == "prompt":
         return ds
-    id_cols = ["input_ids"] if kind == "sft" else ["chosen_input_ids", "rejected_input_ids"]
-    lengths = np.max([np.asarray([len(x) for x in ds[c]]) for c in id_cols], axis=0) if len(ds) else np.zeros(0)
-    too_long = np.flatnonzero(lengths > limit)
-    stats.setdefault("too_long", {})[where] = int(too_long.size)
+    if kind in PREFERENCE_KINDS:
+        return _example_length_policy(ds, kind, cfg, where, stats)
+    limit = cfg.sequence_len
+    lengths = np.asarray([len(x) for x in ds["input_ids"]]) if len(ds) else np.zeros(0)
+    too_long = _over_limit(lengths, cfg, where, stats, "rows are longer")
     if too_long.size:
         strategy = cfg.excess_length_strategy
-        if strategy == "raise":
-            raise JaxtuneError(f"{where}: {too_long.size} rows are longer than sequence_len={limit} (first: row "
-                               f"{int(too_long[0])}, {int(lengths[too_long[0]])} tokens); "
-                               "set excess_length_strategy: drop or truncate")
         info(f"{where}: {too_long.size} of {len(ds)} rows longer than sequence_len={limit} were "
              f"{'dropped' if strategy == 'drop' else 'truncated'}")
         if strategy == "drop":
-            keep = np.flatnonzero(lengths <= limit)
-            ds = ds.select(keep)
+            ds = ds.select(np.flatnonzero(lengths <= limit))
         else:
-            cols = [c for c in ds.column_names if c.endswith("input_ids") or c.endswith("labels")]
-            ds = ds.map(lambda b: {c: [x[:limit] for x in b[c]] for c in cols}, batched=True,
+            ds = ds.map(lambda b: {c: [x[:limit] for x in b[c]] for c in ("input_ids", "labels")}, batched=True,
                         desc=f"truncating {where}")
-    label_cols = ["labels"] if kind == "sft" else ["chosen_labels", "rejected_labels"]
-    trains = np.all([[any(t != -100 for t in x) for x in ds[c]] for c in label_cols], axis=0) if len(ds) else []
+    trains = [any(t != -100 for t in x) for x in ds["labels"]] if len(ds) else []
+    return _drop_untrained(ds, np.asarray(trains, bool), where, stats)
+
+
+def _over_limit(lengths: np.ndarray, cfg: Config, where: str, stats: dict, what: str) -> np.ndarray:
+    """Indices of the lengths over sequence_len (counted in stats); an error naming the first under
+    excess_length_strategy: raise."""
+    too_long = np.flatnonzero(lengths > cfg.sequence_len)
+    stats.setdefault("too_long", {})[where] = int(too_long.size)
+    if too_long.size and cfg.excess_length_strategy == "raise":
+        raise JaxtuneError(f"{where}: {too_long.size} {what} than sequence_len={cfg.sequence_len} (first: row "
+                           f"{int(too_long[0])}, {int(lengths[too_long[0]])} tokens); set excess_length_strategy: "
+                           "drop or truncate")
+    return too_long
+
+
+def _drop_untrained(ds, trains: np.ndarray, where: str, stats: dict):
     untrained = int(len(ds) - np.sum(trains))
     stats.setdefault("no_trained_tokens", {})[where] = untrained
     if untrained:
         info(f"{where}: {untrained} rows with no trained token were dropped")
         ds = ds.select(np.flatnonzero(trains))
     return ds
+
+
+def _example_length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
+    """Preference examples: each sequence (prompt + an answer) must fit sequence_len, as TRL's
+    max_length. drop: the example goes; truncate: answers are cut to fit (TRL's keep_start), and an
+    example whose prompt alone fills sequence_len goes; raise: an error naming the row."""
+    limit = cfg.sequence_len
+    answers = ("chosen", "rejected") if kind == "preference" else ("completion",)
+    prompt = np.asarray([len(x) for x in ds["prompt_ids"]]) if len(ds) else np.zeros(0, int)
+    longest = np.max([prompt + np.asarray([len(x) for x in ds[f"{a}_ids"]], int) for a in answers], axis=0) \
+        if len(ds) else np.zeros(0, int)
+    too_long = _over_limit(longest, cfg, where, stats, "examples have a prompt + answer longer")
+    if too_long.size:
+        strategy = cfg.excess_length_strategy
+        if strategy == "drop":
+            info(f"{where}: {too_long.size} of {len(ds)} examples longer than sequence_len={limit} were dropped")
+            ds = ds.select(np.flatnonzero(longest <= limit))
+        else:
+            prompt_only = np.flatnonzero(prompt >= limit)
+            if prompt_only.size:
+                info(f"{where}: {prompt_only.size} examples whose prompt alone fills sequence_len={limit} were "
+                     "dropped")
+                ds = ds.select(np.flatnonzero(prompt < limit))
+            info(f"{where}: answers of {too_long.size - prompt_only.size} examples were truncated to fit "
+                 f"sequence_len={limit}")
+
+            def cut(batch):
+                out = {}
+                for a in answers:
+                    room = [limit - len(p) for p in batch["prompt_ids"]]
+                    out[f"{a}_ids"] = [x[:r] for x, r in zip(batch[f"{a}_ids"], room)]
+                    out[f"{a}_labels"] = [x[:r] for x, r in zip(batch[f"{a}_labels"], room)]
+                return out
+            ds = ds.map(cut, batched=True, desc=f"truncating {where}")
+    trains = np.all([[any(t != -100 for t in x) for x in ds[f"{a}_labels"]] for a in answers], axis=0) \
+        if len(ds) else np.zeros(0, bool)
+    return _drop_untrained(ds, trains, where, stats)
 
 
 def _mix(parts: list, weights: list[float] | None, seed: int):
@@ -196,7 +247,7 @@ def _pack(ds, capacity: int, kind: str, where: str, stats: dict):
     import datasets
 
     if kind != "sft":
-        raise JaxtuneError(f"sample_packing applies to SFT rows; {where} has {kind} rows")
+        raise JaxtuneError(f"sample_packing applies to SFT and preference rows; {where} has {kind} rows")
     lengths = np.asarray([len(x) for x in ds["input_ids"]])
     packed = packing.pack_examples(ds["input_ids"], ds["labels"], capacity)
     eff = packing.packing_efficiency(lengths, len(packed["input_ids"]), capacity)
@@ -204,6 +255,32 @@ def _pack(ds, capacity: int, kind: str, where: str, stats: dict):
     info(f"{where}: packed {len(ds)} samples into {len(packed['input_ids'])} rows of {capacity} tokens "
          f"(packing efficiency {eff:.1%})")
     return datasets.Dataset.from_dict(packed)
+
+
+def _lay_out(ds, kind: str, cfg: Config, packed: bool, where: str, stats: dict):
+    """Preference examples -> rows (data/preference.py): prompts shared (prefix_sharing), several
+    examples per row when packed."""
+    import datasets
+
+    from jaxtune.data import preference
+
+    kl_chunk = cfg.micro_batch_size if kind == "unpaired" and cfg.kto_loss_type == "kto" else None
+    rows, layout = preference.lay_out(ds.to_dict(), kind=kind, capacity=row_length(cfg, kind), packed=packed,
+                                      share=cfg.prefix_sharing, kl_chunk=kl_chunk, sequence_len=cfg.sequence_len)
+    capacity = row_length(cfg, kind)
+    layout["efficiency"] = layout["tokens"] / max(layout["rows"] * capacity, 1) if packed else None
+    stats[f"{where}_layout"] = layout
+    saved = 1 - layout["tokens"] / max(layout["unshared_tokens"], 1)
+    info(f"{where}: {layout['examples']} examples in {layout['rows']} rows of up to {capacity} tokens"
+         + (f" (packing efficiency {layout['efficiency']:.1%})" if packed else "")
+         + (f"; shared prompts save {saved:.1%} of the tokens" if cfg.prefix_sharing else ""))
+    return datasets.Dataset.from_dict(rows)
+
+
+def row_length(cfg: Config, kind: str) -> int:
+    """Tokens a row may hold: sequence_len, or twice it for preference rows (each of an example's two
+    sequences may take sequence_len)."""
+    return 2 * cfg.sequence_len if kind in PREFERENCE_KINDS else cfg.sequence_len
 
 
 def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | None, str, dict]:
@@ -217,7 +294,7 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
         for i, entry in enumerate(entries):
             where = f"{label}[{i}] ({entry.path})"
             encoder = build_encoder(entry, tok=info_, top_template=cfg.chat_template, top_jinja=cfg.chat_template_jinja,
-                                    train_on_inputs=cfg.train_on_inputs, sequence_len=cfg.sequence_len)
+                                    train_on_inputs=cfg.train_on_inputs, sequence_len=cfg.sequence_len, rl=cfg.rl)
             raw = sources.load_rows(entry, i)
             ds = _tokenize(raw, encoder, where, processes, entry.preprocess_shards)
             ds = _length_policy(ds, encoder.kind, cfg, where, stats)
@@ -225,7 +302,7 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
             parts.append(ds)
             kinds.add(encoder.kind)
         if len(kinds) > 1:
-            raise JaxtuneError(f"{label} mixes row kinds {sorted(kinds)}; SFT, preference and prompt datasets "
+            raise JaxtuneError(f"{label} mixes row kinds {sorted(kinds)}; SFT, preference, KTO and prompt datasets "
                                "cannot be trained together")
         return parts, kinds.pop()
 
@@ -256,10 +333,15 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
                                 "sequence_len, excess_length_strategy and roles_to_train")
     stats["train_samples"] = len(train)
     stats["eval_samples"] = len(evaluation) if evaluation is not None else 0
-    if cfg.sample_packing:
-        train = _pack(train, cfg.sequence_len, kind, "train", stats)
-    if evaluation is not None and cfg.packs_eval and len(evaluation):
-        evaluation = _pack(evaluation, cfg.sequence_len, kind, "eval", stats)
+    if kind in PREFERENCE_KINDS:
+        train = _lay_out(train, kind, cfg, cfg.sample_packing, "train", stats)
+        if evaluation is not None and len(evaluation):
+            evaluation = _lay_out(evaluation, kind, cfg, cfg.packs_eval, "eval", stats)
+    else:
+        if cfg.sample_packing:
+            train = _pack(train, cfg.sequence_len, kind, "train", stats)
+        if evaluation is not None and cfg.packs_eval and len(evaluation):
+            evaluation = _pack(evaluation, cfg.sequence_len, kind, "eval", stats)
     stats["train_rows"], stats["eval_rows"] = len(train), len(evaluation) if evaluation is not None else 0
     if kind == "sft":
         stats["train_tokens"] = int(sum(len(x) for x in train["input_ids"]))
@@ -285,8 +367,10 @@ def prepare(cfg: Config, *, tokenizer=None, processes: int | None = None, force:
         train.save_to_disk(str(tmp / "train"))
         if evaluation is not None:
             evaluation.save_to_disk(str(tmp / "eval"))
+        per_row = [stats.get(f"{w}_layout", {}).get("max_examples_per_row", 1) for w in ("train", "eval")]
         meta = {"kind": kind, "stats": stats, "packed": cfg.sample_packing,
-                "eval_packed": bool(evaluation is not None and cfg.packs_eval), "sequence_len": cfg.sequence_len}
+                "eval_packed": bool(evaluation is not None and cfg.packs_eval), "sequence_len": cfg.sequence_len,
+                "row_len": row_length(cfg, kind), "examples_per_row": max(per_row)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if target.exists():
             shutil.rmtree(target)
@@ -306,4 +390,4 @@ def _load_prepared(target: Path, tokenizer) -> PreparedData:
     train = datasets.load_from_disk(str(target / "train"))
     evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
     return PreparedData(train, evaluation, meta["kind"], meta["stats"], target, tokenizer, meta["packed"],
-                        meta["eval_packed"])
+                        meta["eval_packed"], meta["row_len"], meta["examples_per_row"])

@@ -3,9 +3,12 @@
 Every model calls `attention(...)`. It takes segment ids and positions so that packed sequences and
 KV caches share one masking rule:
 
-    query i may attend key j  iff  segment[i] == segment[j]            (never across samples)
+    query i may attend key j  iff  attends(segment[i], segment[j])   (never across samples)
                                    and position[j] <= position[i]     (causal)
                                    and position[i] - position[j] < w  (sliding window w, if any)
+
+`attends` (jaxtune.batch) is segment equality, plus one case for preference data whose pairs share
+their prompt: a token of a branch (segment id k + b * BRANCH) also attends to the prompt (id k).
 
 Segment id 0 marks padding (or an empty cache slot); real samples use ids >= 1. Positions restart
 at 0 for each packed sample, so comparing positions inside one segment is comparing indices.
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.batch import attends
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import info_once
 
@@ -107,7 +111,7 @@ def attention_mask(
     sliding_window: jax.Array | int | None = None,
 ) -> jax.Array:
     """Boolean mask [batch, q_len, kv_len]: True where the query may attend the key."""
-    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = attends(q_segment_ids[:, :, None], kv_segment_ids[:, None, :])
     distance = q_positions[:, :, None] - kv_positions[:, None, :]
     if causal:
         mask &= distance >= 0

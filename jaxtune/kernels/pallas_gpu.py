@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxtune.batch import BRANCH, attends
+
 # Tiles and launch parameters: the fastest of scripts/bench_pallas_tiles.py on an H100 (bf16,
 # head_dim 64, 2k-32k tokens); module globals so that tests and the sweep can set them.
 BLOCK_Q = 64  # forward: query block of a program
@@ -63,21 +65,32 @@ def block_ranges(qs, ks, rule, bq: int, bk: int):
     window, causal, use_window = rule
     big = jnp.iinfo(jnp.int32).max
 
+    def span(values, where):
+        return jnp.where(where, values, big).min(-1), jnp.where(where, values, -big).max(-1)
+
     def summary(seg, pos, block):
-        """Per block: range of real segment ids (> 0), whether it holds data padding (segment 0,
-        which attends only itself), whether it is one real segment throughout, and the range of
-        positions of its tokens (kernel padding, segment < 0, matches nothing and is left out)."""
+        """Per block: the range of real segment ids (> 0) outside branches and of branch ids, the
+        range of the prefixes its branch tokens also attend to (jaxtune.batch), whether it holds data
+        padding (segment 0, which attends only itself), whether it is one real segment throughout,
+        and the range of positions of its tokens (kernel padding, segment < 0, matches nothing)."""
         b, length = seg.shape
         seg, pos = seg.reshape(b, length // block, block), pos.reshape(b, length // block, block)
         real, valid = seg > 0, seg >= 0
-        s_min, s_max = jnp.where(real, seg, big).min(-1), jnp.where(real, seg, -big).max(-1)
-        p_min, p_max = jnp.where(valid, pos, big).min(-1), jnp.where(valid, pos, -big).max(-1)
-        return s_min, s_max, (seg == 0).any(-1), real.all(-1) & (s_min == s_max), p_min, p_max
+        branch = seg >= BRANCH
+        s_min, s_max = span(seg, real)
+        return dict(plain=span(seg, real & ~branch), branch=span(seg, branch), prefix=span(seg & (BRANCH - 1), branch),
+                    pad=(seg == 0).any(-1), one=real.all(-1) & (s_min == s_max), s_min=s_min, pos=span(pos, valid))
 
-    q_smin, q_smax, q_pad, q_one, q_pmin, q_pmax = (a[:, :, None] for a in summary(*qs, bq))
-    k_smin, k_smax, k_pad, k_one, k_pmin, k_pmax = (a[:, None, :] for a in summary(*ks, bk))
-    live = (jnp.maximum(q_smin, k_smin) <= jnp.minimum(q_smax, k_smax)) | (q_pad & k_pad)  # [B, nq, nk]
-    full = q_one & k_one & (q_smin == k_smin)
+    def overlap(a, b):
+        return jnp.maximum(a[0], b[0]) <= jnp.minimum(a[1], b[1])
+
+    q = jax.tree.map(lambda a: a[:, :, None], summary(*qs, bq))
+    k = jax.tree.map(lambda a: a[:, None, :], summary(*ks, bk))
+    # A query reaches keys of its own id, and a branch query its prefix's keys too.
+    live = (overlap(q["plain"], k["plain"]) | overlap(q["branch"], k["branch"]) | overlap(q["prefix"], k["plain"])
+            | (q["pad"] & k["pad"]))  # [B, nq, nk]
+    full = q["one"] & k["one"] & (q["s_min"] == k["s_min"])
+    (q_pmin, q_pmax), (k_pmin, k_pmax) = q["pos"], k["pos"]
     if causal:
         live &= k_pmin <= q_pmax
         full &= k_pmax <= q_pmin
@@ -108,7 +121,7 @@ def block_ranges(qs, ks, rule, bq: int, bk: int):
 
 def _mask(q_seg, q_pos, k_seg, k_pos, window, causal: bool, use_window: bool):
     """[bq, bk] tile of the attention rule (`attention_mask`) inside a kernel."""
-    mask = q_seg[:, None] == k_seg[None, :]
+    mask = attends(q_seg[:, None], k_seg[None, :])
     if causal or use_window:
         distance = q_pos[:, None] - k_pos[None, :]
         if causal:

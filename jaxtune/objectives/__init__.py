@@ -1,40 +1,52 @@
-"""Training objectives: a loss over a batch plus what the batch must hold.
-
-An objective is the only piece of training that knows what the batch means. The trainer
-(`jaxtune.trainer`) calls `objective.loss(model, batch, rng)` for each micro-batch; it returns
-`(loss_sum, metrics)` where `loss_sum` is a sum over the micro-batch's units (tokens for SFT,
-pairs for DPO) and `metrics["weight"]` counts those units. The trainer sums both over the
-accumulated micro-batches and divides once, so the loss of an optimizer step is normalized by the
-units of the whole accumulated batch. Other entries of `metrics` are sums too, divided by the same
-weight when logged.
-
-    class MyObjective:
-        name = "my"
-        batch_keys = ("input_ids", ...)
-        def loss(self, model, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+"""Training objectives: SFT (objectives/sft.py) and the preference family (objectives/preference.py:
+DPO with every TRL loss type, ORPO, SimPO/CPO, KTO). What an objective declares is in
+objectives/base.py; `objective_for` builds the one a config asks for, checked against the kind of
+rows its data was prepared into.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import jax
-
 from jaxtune.errors import JaxtuneError
+from jaxtune.objectives.base import Objective
+
+# rl: value -> the kind of prepared rows it trains on
+DATA_KINDS = {None: "sft", "dpo": "preference", "ipo": "preference", "orpo": "preference", "simpo": "preference",
+              "kto": "unpaired"}
+_KIND_NAMES = {"sft": "SFT rows (chat_template, alpaca, completion, ...)", "preference": "preference pairs",
+               "unpaired": "KTO rows (prompt, completion, label)", "prompt": "prompt rows (GRPO)"}
 
 
-class Objective(Protocol):
-    name: str
-    batch_keys: tuple[str, ...]
-
-    def loss(self, model, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, dict]: ...
-
-
-def objective_for(kind: str) -> Objective:
-    """The objective that trains on prepared data of `kind` (sft | preference | prompt)."""
+def objective_for(cfg, data) -> Objective:
+    """The objective of `cfg` (its `rl:` value and keys) over prepared `data` (jaxtune.data.prepare)."""
+    from jaxtune.logging import warn_once
+    from jaxtune.objectives import preference
     from jaxtune.objectives.sft import SFT
 
-    if kind == "sft":
-        return SFT()
-    raise JaxtuneError(f"the datasets are {kind} rows, which train with an RL objective (DPO/GRPO) that is not in "
-                       "this release; SFT needs sft-type datasets (chat_template, alpaca, completion, ...)")
+    want = DATA_KINDS[cfg.rl]
+    if data.kind != want:
+        hint = "set rl: dpo (or orpo, simpo) for preference pairs, rl: kto for labelled completions" \
+            if cfg.rl is None else f"rl: {cfg.rl} trains on {_KIND_NAMES[want]}"
+        raise JaxtuneError(f"the datasets hold {_KIND_NAMES.get(data.kind, data.kind)}: {hint}")
+    pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
+    if cfg.rl is None:
+        return SFT(pad_id)
+    if cfg.lora_dropout and cfg.adapter:
+        warn_once(f"lora_dropout={cfg.lora_dropout} is not applied with rl: {cfg.rl}: as in TRL (disable_dropout), "
+                  "the policy runs without dropout so that it starts equal to the reference")
+    common = dict(pad_id=pad_id, examples_per_row=data.examples_per_row)
+    if cfg.rl in ("dpo", "ipo"):
+        return preference.DPO(loss_types=cfg.loss_types, loss_weights=cfg.dpo_loss_weights, beta=cfg.beta,
+                              label_smoothing=cfg.dpo_label_smoothing or 0.0, use_weighting=bool(cfg.dpo_use_weighting),
+                              **common)
+    if cfg.rl == "orpo":
+        return preference.ORPO(beta=cfg.beta, **common)
+    if cfg.rl == "simpo":
+        return preference.CPO(loss_type="simpo", beta=cfg.beta,
+                              simpo_gamma=0.5 if cfg.simpo_gamma is None else cfg.simpo_gamma,
+                              cpo_alpha=1.0 if cfg.cpo_alpha is None else cfg.cpo_alpha, **common)
+    return preference.KTO(loss_type=cfg.kto_loss_type, beta=cfg.beta,
+                          desirable_weight=cfg.kto_desirable_weight or 1.0,
+                          undesirable_weight=cfg.kto_undesirable_weight or 1.0, **common)
+
+
+__all__ = ["DATA_KINDS", "Objective", "objective_for"]

@@ -14,40 +14,42 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune.data.chat import IGNORE
+from jaxtune.batch import IGNORE, TOKENS, Key, Layout, next_token_labels, next_token_targets
+from jaxtune.objectives.base import Objective
 
-
-def next_token_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """What each position predicts: targets [B, T] (labels shifted left by one; 0 where nothing is
-    trained) and the trained mask [B, T] (False at segment boundaries, padding and the last position)."""
-    last = [(0, 0)] * (labels.ndim - 1) + [(0, 1)]  # [..., T]: any leading axes
-    nxt_labels = jnp.pad(labels[..., 1:], last, constant_values=IGNORE)
-    nxt_segments = jnp.pad(segment_ids[..., 1:], last)
-    trained = (nxt_labels != IGNORE) & (nxt_segments == segment_ids) & (nxt_segments > 0)
-    return jnp.where(trained, nxt_labels, 0), trained
-
-
-def next_token_labels(labels, segment_ids):
-    """`next_token_targets` in one array: the target of each position, IGNORE where nothing is
-    trained. A batch may carry it precomputed as `next_labels` (when its tokens are reordered for
-    context parallelism, jaxtune.parallel.sequence)."""
-    targets, trained = next_token_targets(jnp.asarray(labels), jnp.asarray(segment_ids))
-    return jnp.where(trained, targets, IGNORE)
+__all__ = ["SFT", "batch_targets", "next_token_labels", "next_token_targets"]
 
 
 def batch_targets(batch) -> tuple[jax.Array, jax.Array]:
-    """(targets, trained mask) of a batch: from `next_labels` when it has them, else from labels."""
+    """(targets, trained mask) of a batch: from `next_labels` when it has them (computed before a
+    context-parallel reorder), else from labels."""
     if "next_labels" in batch:
         trained = batch["next_labels"] != IGNORE
         return jnp.where(trained, batch["next_labels"], 0), trained
-    return next_token_targets(batch["labels"], batch["segment_ids"])
+    return next_token_targets(jnp.asarray(batch["labels"]), jnp.asarray(batch["segment_ids"]))
 
 
-class SFT:
+class SFT(Objective):
     name = "sft"
-    batch_keys = ("input_ids", "labels", "segment_ids", "positions")
+    data_kind = "sft"
+    unit = "trained_tokens"
+    uses_dropout = True
 
-    def loss(self, model, batch, rng):
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+        self.layout = Layout({"input_ids": Key(TOKENS, fill=pad_id), "labels": Key(TOKENS, fill=IGNORE),
+                              "segment_ids": Key(TOKENS), "positions": Key(TOKENS),
+                              "next_labels": Key(TOKENS, fill=IGNORE)})
+
+    def collate(self, rows, length):
+        from jaxtune.data.packing import pad_batch
+
+        return pad_batch(list(rows), length, self.pad_id)
+
+    def totals(self, batch):
+        return {"weight": batch_targets(batch)[1].sum().astype(jnp.float32)}
+
+    def loss(self, model, batch, rng, ref=None, totals=None):
         hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], rng=rng)
         targets, trained = batch_targets(batch)
         nll_sum = model.target_nll_sum(hidden, targets, trained.astype(jnp.float32))

@@ -201,10 +201,12 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
-    """[accumulation, batch, length] arrays: batch over (data, fsdp), length over sequence."""
-    lead = (None,) * (ndim - 2)
-    return NamedSharding(mesh, PartitionSpec(*lead, ("data", "fsdp"), "sequence"))
+def batch_sharding(mesh: Mesh, ndim: int = 3, axes: tuple[str | None, ...] = ("batch", "length")) -> NamedSharding:
+    """A batch array's sharding: rows (logical axis `batch`) over (data, fsdp), tokens (`length`)
+    over sequence, leading axes (accumulation) and others replicated."""
+    lead = (None,) * (ndim - len(axes))
+    mapped = {"batch": ("data", "fsdp"), "length": "sequence"}
+    return NamedSharding(mesh, PartitionSpec(*lead, *(mapped.get(a) for a in axes)))
 
 
 def host_batch_share(mesh: Mesh) -> tuple[int, int, int]:
@@ -222,23 +224,29 @@ def host_batch_share(mesh: Mesh) -> tuple[int, int, int]:
     return ranks[0] // n, total // n, n
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A host batch ([..., rows, length] arrays: this process's share, see `host_batch_share`) as
-    global arrays on `mesh`: rows over (data, fsdp), tokens over sequence (laid out balanced for
-    ring attention, jaxtune.parallel.sequence, when the sequence axis is split)."""
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, layout=None, *, whole: bool = False) -> dict[str, jax.Array]:
+    """A host batch as global arrays on `mesh`: rows over (data, fsdp), tokens over sequence (laid out
+    balanced for ring attention, jaxtune.parallel.sequence, when the sequence axis is split). `layout`
+    (jaxtune.batch.Layout, the objective's) gives each array's logical axes; without one every array is
+    [..., rows, tokens]. Each process gives its share of the rows (see `host_batch_share`), or with
+    `whole` the whole batch (every process the same)."""
     ways = mesh.shape["sequence"]
     if ways > 1:
         from jaxtune.parallel.sequence import balance
 
-        batch = balance(batch, ways)
+        batch = balance(batch, ways, layout)
     out = {}
-    count = host_batch_share(mesh)[1] if jax.process_count() > 1 else 1
+    count = host_batch_share(mesh)[1] if jax.process_count() > 1 and not whole else 1
     for key, value in batch.items():
-        sharding = batch_sharding(mesh, value.ndim)
+        axes = layout[key].axes if layout is not None else ("batch", "length")
+        sharding = batch_sharding(mesh, value.ndim, axes)
         if jax.process_count() == 1:
             out[key] = jax.device_put(value, sharding)
+        elif whole:
+            out[key] = place(value, sharding)
         else:
-            shape = (*value.shape[:-2], value.shape[-2] * count, value.shape[-1])
+            row_axis = value.ndim - len(axes) + axes.index("batch")
+            shape = tuple(n * count if i == row_axis else n for i, n in enumerate(value.shape))
             out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
 
