@@ -225,9 +225,9 @@ class Trainer:
 
             self.ref_params = initial_copy(self.trainable, fresh_adapters=spec is not None and not cfg.lora_model_dir)
         if precompute:
-            self.loader.rows = self._precomputed(data.train, "train", ranks, data.packed)
+            self.loader.rows = self._precomputed(data.train, "train", ranks * shares, data.packed)
             if self.eval_loader is not None:
-                self.eval_loader.rows = self._precomputed(data.eval, "eval", ranks, data.eval_packed)
+                self.eval_loader.rows = self._precomputed(data.eval, "eval", ranks * shares, data.eval_packed)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.rng = jax.random.wrap_key_data(M.place(jax.random.key_data(jax.random.key(cfg.seed)), replicated))
         use_rng = objective.uses_dropout and spec is not None and spec.dropout > 0
@@ -240,7 +240,8 @@ class Trainer:
 
     def _precomputed(self, rows, split: str, ranks: int, packed: bool):
         """`rows` with the reference's log-probs of every row (objectives/reference.py: computed once
-        from the starting weights, stored beside the prepared data)."""
+        from the starting weights, stored beside the prepared data). `ranks`: every data-parallel
+        rank's, all hosts together (each batch is given whole to every process)."""
         from jaxtune.objectives.reference import WithColumn, fingerprint, precompute
 
         objective, cfg = self.objective, self.cfg

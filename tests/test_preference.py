@@ -96,15 +96,17 @@ def _compare_adapters(start, ours, theirs, steps):
                          names=names)
 
 
-def test_dpo_lora_steps_equal_trl_dpo_trainer(tmp_path, tiny_chat_dir, start_adapter):
+@pytest.mark.parametrize("wpo", [False, True])
+def test_dpo_lora_steps_equal_trl_dpo_trainer(tmp_path, tiny_chat_dir, start_adapter, wpo):
     """Two DPO (sigmoid) steps of LoRA from the same adapter, weights and pairs: jaxtune's loss,
     metrics and updated adapter against TRL's DPOTrainer + PEFT (its reference: a frozen copy of the
-    starting adapter, as ours)."""
+    starting adapter, as ours); with and without WPO weighting (dpo_use_weighting)."""
     import datasets
     from trl import DPOConfig, DPOTrainer
     from transformers import AutoTokenizer
 
-    result, records = _jaxtune_run(tmp_path, tiny_chat_dir, start_adapter, "dpo", rl_beta=0.3)
+    result, records = _jaxtune_run(tmp_path, tiny_chat_dir, start_adapter, "dpo", rl_beta=0.3,
+                                   **({"dpo_use_weighting": True} if wpo else {}))
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 4 for r in steps)
 
@@ -112,7 +114,7 @@ def test_dpo_lora_steps_equal_trl_dpo_trainer(tmp_path, tiny_chat_dir, start_ada
     rows = [{"prompt": CHATML.format(p["prompt"]), "chosen": p["chosen"] + "<|im_end|>",
              "rejected": p["rejected"] + "<|im_end|>"} for p in PAIRS]
     trainer = DPOTrainer(model=_peft_model(tiny_chat_dir, start_adapter), processing_class=tokenizer,
-                         args=_trl_args(tmp_path, DPOConfig, beta=0.3, max_length=None),
+                         args=_trl_args(tmp_path, DPOConfig, beta=0.3, max_length=None, use_weighting=wpo),
                          train_dataset=datasets.Dataset.from_list(rows))
     trainer.train()
     theirs = [h for h in trainer.state.log_history if "loss" in h]

@@ -234,3 +234,22 @@ def test_kto_equals_trl(kind):
                                atol=ATOL)
     if kind == "kto":
         assert trainer._metrics["train"]["kl"][-1] > 0.05  # the KL term is live, not clamped away
+
+
+@pytest.mark.parametrize("kind", ["aot", "aot_unpaired", "sigmoid"])
+def test_padding_pairs_between_real_ones_change_nothing(kind):
+    """Empty example slots (a packed row with fewer pairs than the widest) may sit anywhere in the
+    micro-batch: the summed loss over the real pairs equals the loss of the real pairs alone, also
+    for the types that sort the batch."""
+    rng = np.random.default_rng(6)
+    valid = np.array([True, False, True, True, False, True, False, True])
+    arrays = [jnp.asarray(-rng.uniform(1.0, 20.0, valid.size), jnp.float32) for _ in range(4)]
+    lengths = jnp.asarray(rng.integers(1, 9, valid.size), jnp.float32)
+
+    def total(mask):
+        p = L.PairLogps(*(a[mask] for a in arrays), lengths[mask], lengths[mask], jnp.ones(int(mask.sum()), bool))
+        return float(L.dpo_terms(p, 0.0, loss_types=[kind], loss_weights=[1.0], beta=0.4, label_smoothing=0.1)["pairs"])
+
+    padded = L.PairLogps(*arrays, lengths, lengths, jnp.asarray(valid))
+    got = float(L.dpo_terms(padded, 0.0, loss_types=[kind], loss_weights=[1.0], beta=0.4, label_smoothing=0.1)["pairs"])
+    np.testing.assert_allclose(got, total(valid), rtol=1e-6)

@@ -113,6 +113,9 @@ class RLKeys(Section):
             raise ValueError("dpo_loss_type robust needs 0 <= dpo_label_smoothing < 0.5")
         if "exo_pair" in types and smoothing == 0:
             raise ValueError("dpo_loss_type exo_pair needs dpo_label_smoothing > 0 (TRL suggests 1e-3)")
+        if self.dpo_label_smoothing and not {"robust", "exo_pair", "aot", "aot_unpaired"} & set(types):
+            warn_once(f"dpo_label_smoothing is read by the robust, exo_pair, aot and aot_unpaired loss types only "
+                      f"(TRL 1.16); with {', '.join(types)} it changes nothing (cDPO is dpo_loss_type [robust])")
         if self.dpo_use_weighting and {"aot", "aot_unpaired", "sft"} & set(types):
             raise ValueError("dpo_use_weighting does not combine with the aot, aot_unpaired or sft loss types")
         if self.rl is None or self.rl == "dpo" or self.rl == "ipo":
@@ -131,6 +134,9 @@ class RLKeys(Section):
         if self.precompute_ref_log_probs and self.rl not in ("dpo", "ipo", "kto"):
             raise ValueError(f"precompute_ref_log_probs applies to objectives with a reference model (dpo, ipo, "
                              f"kto); rl: {self.rl} has none")
+        if self.rl == "kto" and self.kto_loss_type == "kto" and getattr(self, "micro_batch_size", 2) <= 1:
+            raise ValueError("rl: kto needs micro_batch_size > 1: its KL baseline comes from the other completions "
+                             "of the batch (with one, it would be the completion's own reward; TRL refuses it too)")
         if self.rl is None and (self.rl_beta is not None or (self.trl and self.trl.beta is not None)):
             raise ValueError("rl_beta / trl.beta need an rl objective")
         return self

@@ -14,7 +14,9 @@ Two functions, each with a custom VJP:
   differentiation (eval) only the loss is computed.
 - `linear_token_logprobs(hidden, head, targets)` -> log p(target_t) per token, for objectives that
   weight tokens after the fact (DPO, GRPO, KTO). The forward keeps only the per-token logsumexp;
-  the backward recomputes each chunk's logits.
+  the backward recomputes each chunk's logits. With `with_entropy`, also each token's entropy of
+  the whole distribution, from the same chunks (a metric: no gradient flows through it).
+- `linear_log_sum_sq_probs(hidden, head)` -> log sum_v p_v^2 per token (DPO's WPO weights; no gradient).
 
 The head's gradient is computed only when the head is being differentiated (full fine-tuning, or
 `lora_modules_to_save` with the LM head); a frozen head (LoRA) costs no weight-gradient matmul.
@@ -143,31 +145,35 @@ def linear_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
 
 
 def _logprob_chunks(hidden, head, targets, chunk, vocab_axis):
+    """Per token: log p(target), the logsumexp, and the entropy of the distribution."""
     def body(_, xs):
         h, t = xs
         logits = _logits(h, head, vocab_axis)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        return None, (_target_logit(logits, t) - lse, lse)
+        entropy = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
+        return None, (_target_logit(logits, t) - lse, lse, entropy)
 
-    _, (logp, lse) = jax.lax.scan(body, None, (_chunked(hidden, chunk), _chunked(targets, chunk)))
+    _, (logp, lse, entropy) = jax.lax.scan(body, None, (_chunked(hidden, chunk), _chunked(targets, chunk)))
     n = hidden.shape[0]
-    return logp.reshape(-1)[:n], lse.reshape(-1)[:n]
+    return logp.reshape(-1)[:n], lse.reshape(-1)[:n], entropy.reshape(-1)[:n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _token_logprobs(hidden, head, targets, chunk, vocab_axis):
-    return _logprob_chunks(hidden, head, targets, chunk, vocab_axis)[0]
+    logp, _, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
+    return logp, entropy
 
 
 def _token_logprobs_fwd(hidden, head, targets, chunk, vocab_axis):
     need_head = head.perturbed
     hidden, head, targets = hidden.value, head.value, targets.value
-    logp, lse = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
+    logp, lse, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
     # `()` vs None marks (in the residuals' structure) whether the head needs a gradient.
-    return logp, (hidden, head, targets, lse, () if need_head else None)
+    return (logp, entropy), (hidden, head, targets, lse, () if need_head else None)
 
 
-def _token_logprobs_bwd(chunk, vocab_axis, res, g):
+def _token_logprobs_bwd(chunk, vocab_axis, res, cotangents):
+    g, _ = cotangents  # the entropy is a metric: no gradient flows through it
     hidden, head, targets, lse, need_head = res
     vocab = head.shape[vocab_axis]
 
@@ -192,8 +198,25 @@ _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd, symbolic_zeros=
 
 
 def linear_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, vocab_axis: int = 0,
-                          chunk_size: int | None = None) -> jax.Array:
+                          chunk_size: int | None = None, with_entropy: bool = False):
     """log softmax(hidden[t] @ head)[targets[t]] for each token t: [N] float32 (shapes as in
-    `linear_cross_entropy`). Differentiable w.r.t. hidden and head."""
+    `linear_cross_entropy`). Differentiable w.r.t. hidden and head. `with_entropy`: (log-probs,
+    entropies [N]), the entropies computed in the same chunks and carrying no gradient."""
     chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
-    return _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis)
+    logp, entropy = _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis)
+    return (logp, entropy) if with_entropy else logp
+
+
+def linear_log_sum_sq_probs(hidden: jax.Array, head: jax.Array, *, vocab_axis: int = 0,
+                            chunk_size: int | None = None) -> jax.Array:
+    """log sum_v softmax(hidden[t] @ head)_v^2 for each token t: [N] float32, without gradient
+    (DPO's WPO weights; TRL's `log_sum_sq_probs`)."""
+    hidden, head = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
+    chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
+
+    def body(_, h):
+        logits = _logits(h, head, vocab_axis)
+        return None, jax.nn.logsumexp(2 * logits, axis=-1) - 2 * jax.nn.logsumexp(logits, axis=-1)
+
+    _, out = jax.lax.scan(body, None, _chunked(hidden, chunk))
+    return out.reshape(-1)[: hidden.shape[0]]

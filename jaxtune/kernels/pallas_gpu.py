@@ -69,16 +69,17 @@ def block_ranges(qs, ks, rule, bq: int, bk: int):
         return jnp.where(where, values, big).min(-1), jnp.where(where, values, -big).max(-1)
 
     def summary(seg, pos, block):
-        """Per block: the range of real segment ids (> 0) outside branches and of branch ids, the
-        range of the prefixes its branch tokens also attend to (jaxtune.batch), whether it holds data
-        padding (segment 0, which attends only itself), whether it is one real segment throughout,
-        and the range of positions of its tokens (kernel padding, segment < 0, matches nothing)."""
+        """Per block: the range of its real tokens' sample ids (segment id mod BRANCH) and branch
+        numbers (segment id // BRANCH, 0 outside branches), the range of sample ids of its tokens
+        outside branches (the prompts branches attend to; jaxtune.batch), whether it holds data padding
+        (segment 0, which attends only itself), whether it is one real segment throughout, and the
+        range of positions of its tokens (kernel padding, segment < 0, matches nothing)."""
         b, length = seg.shape
         seg, pos = seg.reshape(b, length // block, block), pos.reshape(b, length // block, block)
         real, valid = seg > 0, seg >= 0
-        branch = seg >= BRANCH
+        sample, branch = seg & (BRANCH - 1), seg >> 24
         s_min, s_max = span(seg, real)
-        return dict(plain=span(seg, real & ~branch), branch=span(seg, branch), prefix=span(seg & (BRANCH - 1), branch),
+        return dict(sample=span(sample, real), branch=span(branch, real), prefix=span(sample, real & (branch == 0)),
                     pad=(seg == 0).any(-1), one=real.all(-1) & (s_min == s_max), s_min=s_min, pos=span(pos, valid))
 
     def overlap(a, b):
@@ -86,8 +87,9 @@ def block_ranges(qs, ks, rule, bq: int, bk: int):
 
     q = jax.tree.map(lambda a: a[:, :, None], summary(*qs, bq))
     k = jax.tree.map(lambda a: a[:, None, :], summary(*ks, bk))
-    # A query reaches keys of its own id, and a branch query its prefix's keys too.
-    live = (overlap(q["plain"], k["plain"]) | overlap(q["branch"], k["branch"]) | overlap(q["prefix"], k["plain"])
+    # A query reaches keys of its own segment (same sample, same branch) and, in a branch, its sample's
+    # prompt (keys outside branches): whenever a tile holds such a pair, these ranges overlap.
+    live = (overlap(q["sample"], k["sample"]) & (overlap(q["branch"], k["branch"]) | overlap(q["sample"], k["prefix"]))
             | (q["pad"] & k["pad"]))  # [B, nq, nk]
     full = q["one"] & k["one"] & (q["s_min"] == k["s_min"])
     (q_pmin, q_pmax), (k_pmin, k_pmax) = q["pos"], k["pos"]

@@ -39,9 +39,11 @@ class PairLogps:
     valid: jax.Array
 
 
-def _sorted_valid(x: jax.Array, valid: jax.Array) -> jax.Array:
-    """x's valid entries sorted ascending first (padding entries, pushed to the end, come after)."""
-    return jnp.sort(jnp.where(valid, x, jnp.finfo(jnp.float32).max))
+def _sorted_valid(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x's valid entries sorted ascending first (padding entries, pushed to the end, come after), and
+    the original index of each sorted entry."""
+    order = jnp.argsort(jnp.where(valid, x, jnp.finfo(jnp.float32).max))
+    return x[order], order
 
 
 def dpo_loss(kind: str, p: PairLogps, *, beta: float, label_smoothing: float = 0.0,
@@ -77,13 +79,17 @@ def dpo_loss(kind: str, p: PairLogps, *, beta: float, label_smoothing: float = 0
     if kind == "sppo_hard":
         return (chosen_lr - 0.5 / beta) ** 2 + (rejected_lr + 0.5 / beta) ** 2
     if kind in ("aot", "aot_unpaired"):
-        # Sorted over the micro-batch's pairs (TRL sorts its per-device batch).
+        # Sorted over the micro-batch's pairs (TRL sorts its per-device batch): the i-th smallest of one
+        # side against the i-th smallest of the other. The i-th loss is put back at the slot of the i-th
+        # smallest first side, so the losses sit on the valid slots, as every other type's do.
         if kind == "aot":
-            a, b = _sorted_valid(p.chosen - p.rejected, p.valid), _sorted_valid(p.ref_chosen - p.ref_rejected, p.valid)
+            (a, slots), (b, _) = _sorted_valid(p.chosen - p.rejected, p.valid), \
+                _sorted_valid(p.ref_chosen - p.ref_rejected, p.valid)
         else:
-            a, b = _sorted_valid(chosen_lr, p.valid), _sorted_valid(rejected_lr, p.valid)
+            (a, slots), (b, _) = _sorted_valid(chosen_lr, p.valid), _sorted_valid(rejected_lr, p.valid)
         d = jnp.where(jnp.arange(a.shape[0]) < p.valid.sum(), a - b, 0.0)
-        return -log_sigmoid(beta * d) * (1 - label_smoothing) - log_sigmoid(-beta * d) * label_smoothing
+        sorted_loss = -log_sigmoid(beta * d) * (1 - label_smoothing) - log_sigmoid(-beta * d) * label_smoothing
+        return jnp.zeros_like(sorted_loss).at[slots].set(sorted_loss)
     if kind == "apo_zero":
         return 1 - jax.nn.sigmoid(beta * chosen_lr) + jax.nn.sigmoid(beta * rejected_lr)
     if kind == "apo_down":

@@ -79,10 +79,17 @@ def fingerprint(cfg, data_path: Path, objective) -> str:
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in entries]
 
     payload = {"base_model": files(cfg.base_model), "lora_model_dir": files(cfg.lora_model_dir),
-               "adapter": cfg.adapter, "bf16": str(cfg.bf16), "fp16": cfg.fp16, "data": data_path.name,
-               "objective": objective.name, "examples": objective.examples,
-               "compute_dtype": cfg.bnb_4bit_compute_dtype, "double_quant": cfg.bnb_4bit_use_double_quant}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+               "adapter": cfg.adapter, "bf16": str(cfg.bf16), "fp16": cfg.fp16, "bfloat16": cfg.bfloat16,
+               "float16": cfg.float16, "data": data_path.name, "objective": objective.name,
+               "examples": objective.examples, "compute_dtype": cfg.bnb_4bit_compute_dtype,
+               "double_quant": cfg.bnb_4bit_use_double_quant}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if jax.process_count() > 1:  # every process must agree (its own copy of the files may differ in mtime)
+        from jax.experimental import multihost_utils
+
+        chosen = multihost_utils.broadcast_one_to_all(np.frombuffer(digest.encode(), np.uint8))
+        digest = bytes(np.asarray(chosen, np.uint8)).decode()
+    return digest
 
 
 def precompute(path: Path, rows, compute, *, batch_rows: int, save_every: int = 32, write: bool = True) -> np.ndarray:
@@ -91,7 +98,12 @@ def precompute(path: Path, rows, compute, *, batch_rows: int, save_every: int = 
     Resumable: partial results are saved every `save_every` batches and a restarted run continues
     from them; the final file is written under a temporary name and renamed. With several processes
     all compute (each its devices' share) and only the one with `write` writes."""
-    if path.exists():
+    exists = path.exists()
+    if jax.process_count() > 1:  # process 0 decides, so that all compute (a collective) or none does
+        from jax.experimental import multihost_utils
+
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if exists:
         info(f"reference log-probs: using {path}")
         return np.load(path)
     partial = path.with_name(path.name + ".partial.npz")
