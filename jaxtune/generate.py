@@ -1,21 +1,33 @@
-"""Batched KV-cache sampling, jitted end to end.
+"""KV-cache sampling as a pure, jitted function of the model's state: `jaxtune generate` and GRPO's rollouts.
 
-One compiled function runs the prefill and a `lax.while_loop` over new tokens with a preallocated
-cache of length prompt + max_new_tokens: no recompilation per token, and the loop exits as soon as
-every row has produced an end-of-sequence token. Prompts are left-padded to a bucketed length
-(multiple of `prompt_bucket`) so similar batches reuse the compiled function; padding has segment
-id 0 and is never attended.
+    out = sample(model, prompt_ids, prompt_segments, key, settings, max_new_tokens=64, num_generations=8,
+                 eos_ids=(2,), pad_id=0)
 
-Sampling follows HF's order: temperature, then top-k, then top-p; temperature 0 is greedy.
-Sampling parameters are traced values, so changing them does not recompile.
+One compiled function runs the prefill and a `lax.while_loop` over new tokens with a preallocated cache
+of length prompt + max_new_tokens: no recompilation per token, and the loop exits as soon as every row
+has ended. Prompts are left-padded (padding has segment id 0 and is never attended). With
+`num_generations` G > 1 the prompts' cache is computed once and repeated G ways (the G completions of
+a prompt share one prefill); rows come out prompt-major, [prompt 0 x G, prompt 1 x G, ...].
 
-The sampler works on `nnx.split` state, so a model whose parameters are sharded over a mesh
-generates with the same code (GRPO's rollouts use this class).
+It is a function of the model's state, not an object that keeps one: GRPO calls it with the training
+state of the moment (the train step donates and replaces those buffers), on the training mesh
+(prompts sharded over the data axes, the cache constrained by the same logical-axis rules as the
+weights). `Sampler` and `generate` are thin users that hold a model for `jaxtune generate`.
+
+Sampling as transformers defines it, in its order: repetition penalty (on every token of the prompt and
+of the completion so far), temperature (0: greedy), top-k, top-p, min-p. All settings are traced, so
+changing them does not recompile; a filter that is off costs nothing (`lax.cond`), and none sorts the
+vocabulary: a draw inverts the CDF at one uniform number per row (`draw`), and top-k / top-p find
+their exact cut-off value by bisection over the logits' float32 bit patterns (32 vectorized
+counting passes).
+Each sampled token's log-prob is returned under the sampling policy as TRL defines it for GRPO:
+log softmax(logits / temperature), before any filter or penalty.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +46,8 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -45,36 +59,241 @@ class SamplingConfig:
             raise JaxtuneError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise JaxtuneError(f"top_k must be >= 0 (0 disables it; got {self.top_k})")
+        if not 0 <= self.min_p <= 1:
+            raise JaxtuneError(f"min_p must be in [0, 1] (got {self.min_p})")
+        if self.repetition_penalty <= 0:
+            raise JaxtuneError(f"repetition_penalty must be > 0 (1 disables it; got {self.repetition_penalty})")
+
+    def traced(self) -> dict[str, jax.Array]:
+        """The settings as arrays: passed to the jitted sampler as values, so they never recompile it."""
+        return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
+                "top_p": jnp.float32(self.top_p), "min_p": jnp.float32(self.min_p),
+                "repetition_penalty": jnp.float32(self.repetition_penalty)}
 
 
 @dataclasses.dataclass
 class SampleOutput:
-    tokens: np.ndarray  # [batch, max_new_tokens], pad after the end
-    lengths: np.ndarray  # [batch] generated tokens per row, EOS included
-    finished: np.ndarray  # [batch] True where the row ended with EOS
+    tokens: Any  # [rows, max_new_tokens] int32, pad after the end
+    lengths: Any  # [rows] generated tokens per row, EOS included
+    finished: Any  # [rows] True where the row ended with EOS (else it ran out of max_new_tokens)
+    logps: Any  # [rows, max_new_tokens] float32: each sampled token's log-prob (0 after the end)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Next tokens [B] from logits [B, V]: greedy if temperature == 0, else filtered sampling."""
+jax.tree_util.register_dataclass(SampleOutput, data_fields=["tokens", "lengths", "finished", "logps"], meta_fields=[])
 
+
+# ------------------------------------------------------------------------------------ the filters
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (so bisection can find an exact float value)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_at_least(keys: jax.Array, enough) -> jax.Array:
+    """Per row, the largest threshold m (in `keys`' uint32 order) for which `enough(keys >= m)` holds,
+    by bisection (32 passes; `enough` must be monotone: true for small m)."""
+    rows = keys.shape[0]
+    lo = jnp.zeros((rows,), jnp.uint32)
+    hi = jnp.full((rows,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        span = hi - lo
+        mid = lo + (span >> 1) + (span & 1)
+        ok = enough(keys >= mid[:, None]) & (hi > lo)
+        return jnp.where(ok, mid, lo), jnp.where(ok | (hi <= lo), hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def _top_k(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """transformers' TopKLogitsWarper: keep the scores >= the k-th largest (ties kept)."""
+    keys = _sortable(scores)
+    kth = _largest_at_least(keys, lambda kept: jnp.sum(kept, axis=-1) >= k)
+    return jnp.where(keys >= kth[:, None], scores, -jnp.inf)
+
+
+def _top_p(scores: jax.Array, p: jax.Array) -> jax.Array:
+    """transformers' TopPLogitsWarper: keep the fewest largest tokens whose probability reaches p
+    (a token stays while the mass strictly above it is below p; at least one stays)."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    keys = _sortable(scores)
+    # the largest threshold whose kept set (>= it) already holds >= p of the mass, ...
+    cut = _largest_at_least(keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), axis=-1) >= p)
+    return jnp.where(keys >= cut[:, None], scores, -jnp.inf)
+
+
+def _min_p(scores: jax.Array, min_p: jax.Array) -> jax.Array:
+    """transformers' MinPLogitsWarper: drop tokens below min_p x the top token's probability."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, scores, -jnp.inf)
+
+
+def process_logits(logits: jax.Array, settings: dict, seen: jax.Array | None = None) -> jax.Array:
+    """The scores sampling draws from [B, V] (float32), in transformers' order: repetition penalty on
+    the `seen` tokens, temperature, top-k, top-p, min-p. Filters that are off are skipped."""
+    scores = logits.astype(jnp.float32)
+    if seen is not None:
+        penalty = settings["repetition_penalty"]
+        penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+        scores = jnp.where(seen, penalized, scores)
+    scores = scores / jnp.maximum(settings["temperature"], 1e-6)
+    vocab = scores.shape[-1]
+    k = settings["top_k"]
+    scores = jax.lax.cond((k > 0) & (k < vocab), lambda s: _top_k(s, k), lambda s: s, scores)
+    scores = jax.lax.cond(settings["top_p"] < 1.0, lambda s: _top_p(s, settings["top_p"]), lambda s: s, scores)
+    return jax.lax.cond(settings["min_p"] > 0.0, lambda s: _min_p(s, settings["min_p"]), lambda s: s, scores)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k=0, top_p=1.0, min_p=0.0,
+                  repetition_penalty=1.0, seen: jax.Array | None = None) -> jax.Array:
+    """Next tokens [B] from logits [B, V]: greedy if temperature == 0, else drawn from the processed
+    scores (`draw`; no sort)."""
+    settings = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
+                "min_p": jnp.float32(min_p), "repetition_penalty": jnp.float32(repetition_penalty)}
+    return _next_token(logits, key, settings, seen)
+
+
+_BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
+
+
+def draw(key: jax.Array, scores: jax.Array) -> jax.Array:
+    """One token per row [B] drawn from softmax(scores [B, V]) (-inf: never drawn) by inverting the
+    CDF at one uniform per row, in two levels (which block of 256 tokens, then which token in it):
+    two passes over the vocabulary and B random numbers, where a Gumbel-max draw needs B x V of
+    them (60 ms against 2 ms per step for 64 rows x 49k tokens on a CPU)."""
+    b, v = scores.shape
+    pad = -v % _BLOCK
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, _BLOCK)
+    blocks = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [B, V / 256]
+    u = (1.0 - jax.random.uniform(key, (b, 1))) * blocks[:, -1:]  # in (0, total]
+    block = jnp.minimum(jnp.sum(blocks < u, axis=-1), blocks.shape[1] - 1)
+    before = jnp.where(block > 0, jnp.take_along_axis(blocks, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]  # [B, 256]
+    within = jnp.sum(jnp.cumsum(inner, axis=-1) < (u - before[:, None]), axis=-1)
+    # rounding between the two levels may overshoot the block: stay on its last token with mass
+    # (a token of probability 0 is never returned)
+    last = jnp.max(jnp.where(inner > 0, jnp.arange(_BLOCK), -1), axis=-1)
+    token = block * _BLOCK + jnp.minimum(within, last)
+    return jnp.where(last >= 0, token, jnp.argmax(scores, axis=-1)).astype(jnp.int32)
+
+
+def _next_token(logits, key, settings, seen):
     def sampled(logits):
-        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-        sorted_desc = -jnp.sort(-scaled, axis=-1)
-        vocab = scaled.shape[-1]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(sorted_desc, jnp.full((scaled.shape[0], 1), k - 1), axis=-1)
-        sorted_desc = jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
-        keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
-        filtered = jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return draw(key, process_logits(logits, settings, seen))
 
     def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        scores = logits.astype(jnp.float32)
+        if seen is not None:
+            penalty = settings["repetition_penalty"]
+            scores = jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
-    return jax.lax.cond(temperature > 0, sampled, greedy, logits)
+    return jax.lax.cond(settings["temperature"] > 0, sampled, greedy, logits)
+
+
+def token_logps(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
+    """log softmax(logits / temperature)[token] (temperature 0 counts as 1): [B] float32."""
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    scaled = logits.astype(jnp.float32) / t
+    return jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+
+
+# ------------------------------------------------------------------------------------ the sampler
+
+
+def _constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """Shard by logical axes when a mesh is in context (the training mesh), else unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    from jaxtune.parallel.mesh import spec
+
+    return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh))
+
+
+def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Array, settings: dict, *,
+           max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, num_generations: int = 1,
+           cache_dtype: Any = None) -> SampleOutput:
+    """Complete left-padded prompts [B, W] (segments 1 on tokens, 0 on padding): `num_generations`
+    completions each, rows prompt-major. Trace it inside a jit (see `make_rollout`)."""
+    batch, width = prompt_ids.shape
+    g = num_generations
+    rows = batch * g
+    cache = KVCache.create(model.cfg, batch, width + max_new_tokens, cache_dtype or model.dtype)
+    cache = dataclasses.replace(cache, k=_constrain(cache.k, KVCache.AXES), v=_constrain(cache.v, KVCache.AXES))
+    positions = jnp.maximum(jnp.cumsum(prompt_segments, axis=1) - 1, 0)
+    hidden, cache = model.decode(prompt_ids, prompt_segments, positions, cache)
+    logits = model.logits(hidden[:, -1])
+    if g > 1:  # one prefill, repeated G ways
+        repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
+        cache = KVCache(k=jnp.repeat(cache.k, g, axis=1), v=jnp.repeat(cache.v, g, axis=1),
+                        positions=repeat(cache.positions), segment_ids=repeat(cache.segment_ids), index=cache.index)
+        logits, positions, prompt_ids, prompt_segments = map(repeat, (logits, positions, prompt_ids, prompt_segments))
+        cache = dataclasses.replace(cache, k=_constrain(cache.k, KVCache.AXES), v=_constrain(cache.v, KVCache.AXES))
+    vocab = logits.shape[-1]
+    seen = jnp.zeros((rows, vocab), jnp.int32).at[jnp.arange(rows)[:, None], prompt_ids].add(prompt_segments) > 0
+    eos = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
+    out = jnp.full((rows, max_new_tokens), pad_id, jnp.int32)
+    logps = jnp.zeros((rows, max_new_tokens), jnp.float32)
+    done = jnp.zeros((rows,), bool)
+    lengths = jnp.zeros((rows,), jnp.int32)
+
+    def cond(carry):
+        step, *_, done, _, _, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, out, logps, done, lengths, key, pos, seen = carry
+        key, draw = jax.random.split(key)
+        token = _next_token(logits, draw, settings, seen)
+        logp = token_logps(logits, token, settings["temperature"])
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        seen = seen.at[jnp.arange(rows), token].set(True)
+        done = done | jnp.isin(token, eos)
+        pos = pos + 1
+        hidden, cache = model.decode(token[:, None], jnp.ones((rows, 1), jnp.int32), pos[:, None], cache)
+        return step + 1, model.logits(hidden[:, 0]), cache, out, logps, done, lengths, key, pos, seen
+
+    carry = (jnp.int32(0), logits, cache, out, logps, done, lengths, key, positions[:, -1], seen)
+    _, _, _, out, logps, done, lengths, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(out, lengths, done, logps)
+
+
+def make_rollout(graphdef, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, num_generations: int = 1,
+                 cache_dtype: Any = None):
+    """A jitted (trainable, frozen, prompt_ids, prompt_segments, key, settings) -> SampleOutput for a
+    model split as (graphdef, trainable, frozen): one compile per prompt width."""
+    eos = tuple(sorted(set(int(e) for e in eos_ids)))
+
+    def rollout(trainable, frozen, prompt_ids, prompt_segments, key, settings):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return sample(model, prompt_ids, prompt_segments, key, settings, max_new_tokens=max_new_tokens, eos_ids=eos,
+                      pad_id=pad_id, num_generations=num_generations, cache_dtype=cache_dtype)
+
+    return jax.jit(rollout)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as left-padded [B, W] ids and segments (W: a multiple of `bucket`, so similar batches
+    share one compiled sampler)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise JaxtuneError("every prompt needs at least one token")
+    width = -(-max(len(p) for p in prompts) // bucket) * bucket
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    segments = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        segments[row, width - len(p):] = 1
+    return ids, segments
 
 
 class Sampler:
@@ -85,60 +304,21 @@ class Sampler:
         if not eos_token_ids:
             raise JaxtuneError("the sampler needs at least one end-of-sequence token id")
         self.graphdef, self.state = nnx.split(model)
-        self.cfg = model.cfg
-        self.eos = jnp.asarray(sorted(set(int(e) for e in eos_token_ids)), jnp.int32)
+        self.eos = tuple(sorted(set(int(e) for e in eos_token_ids)))
         self.pad = int(pad_token_id)
         self.bucket = prompt_bucket
         self.cache_dtype = cache_dtype or model.dtype
         self._compiled = jax.jit(self._generate, static_argnames=("max_new_tokens",))
 
     def __call__(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> SampleOutput:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise JaxtuneError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        width = -(-longest // self.bucket) * self.bucket
-        ids = np.full((len(prompts), width), self.pad, np.int32)
-        segments = np.zeros((len(prompts), width), np.int32)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = p
-            segments[row, width - len(p):] = 1
-        tokens, lengths, finished = self._compiled(
-            self.state, jnp.asarray(ids), jnp.asarray(segments), jax.random.key(sampling.seed),
-            jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
-            max_new_tokens=sampling.max_new_tokens,
-        )
-        return SampleOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(finished))
+        ids, segments = left_pad(prompts, self.pad, self.bucket)
+        out = self._compiled(self.state, jnp.asarray(ids), jnp.asarray(segments), jax.random.key(sampling.seed),
+                             sampling.traced(), max_new_tokens=sampling.max_new_tokens)
+        return jax.tree.map(np.asarray, out)
 
-    def _generate(self, state, prompt_ids, prompt_segments, rng, temperature, top_k, top_p, *, max_new_tokens):
-        model = nnx.merge(self.graphdef, state)
-        batch, width = prompt_ids.shape
-        cache = KVCache.create(self.cfg, batch, width + max_new_tokens, self.cache_dtype)
-        positions = jnp.maximum(jnp.cumsum(prompt_segments, axis=1) - 1, 0)
-        hidden, cache = model.decode(prompt_ids, prompt_segments, positions, cache)
-        logits = model.logits(hidden[:, -1])
-        out = jnp.full((batch, max_new_tokens), self.pad, jnp.int32)
-        done = jnp.zeros((batch,), bool)
-        lengths = jnp.zeros((batch,), jnp.int32)
-
-        def cond(carry):
-            step, _, _, _, done, _, _, _ = carry
-            return (step < max_new_tokens) & ~jnp.all(done)
-
-        def body(carry):
-            step, logits, cache, out, done, lengths, rng, pos = carry
-            rng, key = jax.random.split(rng)
-            token = sample_logits(logits, key, temperature, top_k, top_p)
-            token = jnp.where(done, self.pad, token)
-            out = out.at[:, step].set(token)
-            lengths = lengths + (~done).astype(jnp.int32)
-            done = done | jnp.isin(token, self.eos)
-            pos = pos + 1
-            hidden, cache = model.decode(token[:, None], jnp.ones((batch, 1), jnp.int32), pos[:, None], cache)
-            return step + 1, model.logits(hidden[:, 0]), cache, out, done, lengths, rng, pos
-
-        carry = (jnp.int32(0), logits, cache, out, done, lengths, rng, positions[:, -1])
-        _, _, _, out, done, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
-        return out, lengths, done
+    def _generate(self, state, prompt_ids, prompt_segments, key, settings, *, max_new_tokens):
+        return sample(nnx.merge(self.graphdef, state), prompt_ids, prompt_segments, key, settings,
+                      max_new_tokens=max_new_tokens, eos_ids=self.eos, pad_id=self.pad, cache_dtype=self.cache_dtype)
 
 
 @dataclasses.dataclass

@@ -109,6 +109,18 @@ def tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """(directory, jaxtune model) of a tiny random Llama: 64 tokens, EOS 5 (sampler and generation tests)."""
+    import jaxtune
+    from transformers import LlamaConfig
+
+    path = save_tiny(tmp_path_factory.mktemp("tiny_lm"), LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=5))
+    return path, jaxtune.load_pretrained(path)[0]
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory, smollm2_dir):
     """A tiny random Llama with SmolLM2's tokenizer and vocabulary (so real chat data trains it)."""
     import shutil
@@ -122,6 +134,26 @@ def tiny_chat_dir(tmp_path_factory, smollm2_dir):
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (smollm2_dir / f).exists():
             shutil.copy(smollm2_dir / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_words_dir(tmp_path_factory):
+    """A tiny random Llama over a 64-word vocabulary with a word-level tokenizer ("w0" ... "w63"; w0 pad,
+    w1 BOS, w2 EOS, w3 unknown): a reward function can read the sampled tokens as words, and a
+    random model emits any one of them often enough for GRPO's groups to differ."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w3"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2", pad_token="w0",
+                                        unk_token="w3")
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    out = save_tiny(tmp_path_factory.mktemp("tiny_words"), cfg, "words")
+    tokenizer.save_pretrained(out)
     return out
 
 

@@ -9,12 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig
 
 import jaxtune
 from jaxtune.cli import main
 from jaxtune.generate import Sampler, SamplingConfig, encode_prompts, generate, sample_logits
-from tests.conftest import save_tiny
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
@@ -32,13 +30,9 @@ def test_greedy_matches_transformers_generate(smollm2, smollm2_hf):
     assert "Paris" in results[0].text
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny(tmp_path_factory.mktemp("tiny"), LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=5))
-    model, _ = jaxtune.load_pretrained(path)
-    return path, model
+@pytest.fixture
+def tiny(tiny_lm):
+    return tiny_lm
 
 
 def test_decode_with_cache_equals_full_forward(tiny):

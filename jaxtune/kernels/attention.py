@@ -195,3 +195,36 @@ def attention(
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, sliding_window=sliding_window
     )
     return _xla_attention(q_btnh, k_bskh, v_bskh, mask, scale)
+
+
+def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window=None,
+                     scale: float | None = None, implementation: str = "xla") -> jax.Array:
+    """Attention of T new tokens (q, k, v [B, T, ., H]) over a KV cache of S slots laid out head-major,
+    [B, K, S, H] (jaxtune.models.cache; `kv_segment_ids` / `kv_positions` [B, S] describe its slots,
+    empty ones segment 0), and over themselves. A decode step (T = 1) multiplies and reduces in place:
+    each row's cached keys are read once, contiguously (memory-bound, as decoding is; batched
+    [G, H] x [H, S] products were slower on CPUs). A prefill (T > 1) runs `implementation` over the
+    cache and the new tokens together, token-major."""
+    b, t, n, h = q_btnh.shape
+    if t > 1:
+        keys = jnp.concatenate([jnp.swapaxes(k_cache, 1, 2), k_btkh], axis=1)
+        values = jnp.concatenate([jnp.swapaxes(v_cache, 1, 2), v_btkh], axis=1)
+        return attention(q_btnh, keys, values, q_segment_ids=q_segment_ids,
+                         kv_segment_ids=jnp.concatenate([kv_segment_ids, q_segment_ids], axis=1),
+                         q_positions=q_positions, kv_positions=jnp.concatenate([kv_positions, q_positions], axis=1),
+                         sliding_window=sliding_window, scale=scale, implementation=implementation)
+    kv_heads = k_cache.shape[1]
+    scale = h ** -0.5 if scale is None else scale
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                          sliding_window=sliding_window)[:, 0]  # [B, S]
+    q = q_btnh.reshape(b, kv_heads, n // kv_heads, h).astype(jnp.float32)
+    k_self = k_btkh.reshape(b, kv_heads, 1, h).astype(jnp.float32)
+    v_self = v_btkh.reshape(b, kv_heads, 1, h).astype(jnp.float32)
+    logits = jnp.sum(q[:, :, :, None] * k_cache[:, :, None].astype(jnp.float32), axis=-1)  # [B, K, G, S]
+    logits = jnp.where(mask[:, None, None], logits * jnp.float32(scale), jnp.finfo(jnp.float32).min)
+    own = jnp.sum(q * k_self, axis=-1, keepdims=True) * jnp.float32(scale)  # [B, K, G, 1]: a token sees itself
+    probs = jax.nn.softmax(jnp.concatenate([logits, own], axis=-1), axis=-1)
+    out = jnp.sum(probs[..., :-1, None] * v_cache[:, :, None].astype(jnp.float32), axis=-2) \
+        + probs[..., -1:] * v_self
+    return out.reshape(b, 1, n, h).astype(v_cache.dtype)

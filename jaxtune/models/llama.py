@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.kernels.attention import OWN_VJP, TRACED_WINDOW, attention
+from jaxtune.kernels.attention import OWN_VJP, TRACED_WINDOW, attention, cached_attention
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.cache import KVCache
 from jaxtune.models.config import ModelConfig, RopeConfig
@@ -182,24 +182,24 @@ class Block(nnx.Module):
     def __call__(self, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, rng=None):
         """One decoder layer. `rng` (a key, or None) drives LoRA dropout.
 
-        `kv` is None (no cache) or (k_all, v_all, layer, write_index, kv_positions, kv_segment_ids)
-        with the whole stacked cache [L, B, S, K, H]: this layer's new K/V are written in place at
-        [layer, :, write_index] and attention reads the layer's slice. Returns (x, k_all, v_all).
+        `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v [B, K, S, H]
+        (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache and
+        themselves; their own keys and values are returned for the caller to write into the cache
+        after the layer scan (x, k, v), so that the scan only reads the cache (writing the stacked
+        cache inside the scan made XLA copy all of it at every layer: 10x slower decoding).
         """
         r = self.dropout_keys(rng)
         q, k, v = self.qkv(x, cos, sin, r)
         if kv is None:
-            k_all, v_all, kv_positions, kv_segments = k, v, positions, segment_ids
-        else:
-            k_cache, v_cache, layer, index, kv_positions, kv_segments = kv
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, index, 0, 0))
-            k_all, v_all = k_cache[layer], v_cache[layer]
-        out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_segment_ids=segment_ids,
-                        kv_segment_ids=kv_segments, q_positions=positions, kv_positions=kv_positions,
-                        sliding_window=window, implementation=attn_impl)
-        x = self.finish(x, out, r)
-        return (x, None, None) if kv is None else (x, k_cache, v_cache)
+            out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                            kv_positions=positions, sliding_window=window, implementation=attn_impl)
+            return self.finish(x, out, r), None, None
+        k_cache, v_cache, kv_positions, kv_segments = kv
+        out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
+                               v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+                               q_positions=positions, kv_positions=kv_positions, sliding_window=window,
+                               implementation=attn_impl)
+        return self.finish(x, out, r), k, v
 
     @staticmethod
     def dropout_keys(rng) -> tuple:
@@ -309,18 +309,25 @@ class CausalLM(nnx.Module):
             return self.embed_tokens.embedding[...], 0
         return self.lm_head.dense_kernel(), 1
 
-    def target_logprobs(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-        """log p(targets[b, t] | position t) from final hidden states [B, T, D]: [B, T] float32."""
+    def target_logprobs(self, hidden: jax.Array, targets: jax.Array, *, with_entropy: bool = False):
+        """log p(targets[b, t] | position t) from final hidden states [B, T, D]: [B, T] float32.
+        `with_entropy`: (log-probs, each position's entropy [B, T]), the entropy without gradient."""
         if not self.chunked_loss:
             logits = self.logits(hidden).astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-            return picked - jax.nn.logsumexp(logits, axis=-1)
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+            if not with_entropy:
+                return logp
+            probs = jax.lax.stop_gradient(jnp.exp(logits - lse[..., None]))
+            return logp, jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
         from jaxtune.kernels.cross_entropy import linear_token_logprobs
 
         head, vocab_axis = self.head_matrix()
-        flat = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
-                                     vocab_axis=vocab_axis)
-        return flat.reshape(targets.shape)
+        out = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                    vocab_axis=vocab_axis, with_entropy=with_entropy)
+        if with_entropy:
+            return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
+        return out.reshape(targets.shape)
 
     def target_nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum over [B, T] of weights * -log p(targets | position): the cross-entropy of the
@@ -395,20 +402,25 @@ class CausalLM(nnx.Module):
             return x, None
 
         index = cache.index
-        kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
-        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
 
-        def cached_body(carry, xs):
-            x, k_all, v_all = carry
-            state, window, layer = xs
+        def cached_body(x, xs):
+            state, window, k_layer, v_layer = xs
             block = nnx.merge(graphdef, state)
-            kv = (k_all, v_all, layer, index, kv_positions, kv_segments)
-            x, k_all, v_all = block(x, window=layer_window(window), kv=kv, **common)
-            return (x, k_all, v_all), None
+            # this layer's cache, materialized: fused into the attention's reductions, the slice of
+            # the stacked cache was indexed element by element
+            k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
+            kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
+            x, k, v = block(x, window=layer_window(window), kv=kv, **common)
+            return x, (k, v)
 
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (layer_state, windows, layers))
-        new_cache = KVCache(
-            k=k_all, v=v_all, positions=kv_positions, segment_ids=kv_segments, index=index + input_ids.shape[1]
-        )
+        x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, cache.k, cache.v))
+
+        def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
+            return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),
+                                                (0, 0, 0, index, 0))
+
+        new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
+                            positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)),
+                            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
+                            index=index + input_ids.shape[1])
         return x, new_cache
