@@ -147,6 +147,22 @@ def test_backend_matches_reference(backend, kind, dtype, tol, monkeypatch):
         assert np.abs(got - want).max() <= tol * scale, (name, float(np.abs(got - want).max()))
 
 
+def test_blockwise_tiles_split_lengths_evenly(monkeypatch):
+    """A length just over a multiple of the preferred tile is split into even tiles, not padded to the
+    next multiple (640 tokens: two tiles of 320, not two of 512); the result is unchanged."""
+    import jaxtune.kernels.blockwise as blockwise
+
+    assert [blockwise.tile_length(n, 512) for n in (256, 512, 640, 1030, 2048)] == [256, 512, 320, 344, 512]
+    monkeypatch.setattr(blockwise, "Q_BLOCK", 32)  # 45 tokens: two q tiles of 24, three kv tiles of 16
+    monkeypatch.setattr(blockwise, "KV_BLOCK", 20)
+    assert (blockwise.tile_length(45, 32), blockwise.tile_length(45, 20)) == (24, 16)
+    case = _case("packed", jnp.float32)
+    out, grads = _run("blockwise", *case)
+    ref_out, ref_grads = _run("xla", *case)
+    for got, want in [(out, ref_out), *zip(grads, ref_grads)]:
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("backend", ["blockwise", "pallas"])
 def test_backend_skips_fully_masked_tiles(backend, monkeypatch):
     """A tile no query may attend is never computed: NaN keys/values there leave the outputs (and the

@@ -34,6 +34,16 @@ Q_BLOCK = 512
 KV_BLOCK = 512
 
 
+def tile_length(length: int, preferred: int) -> int:
+    """Tokens per tile: `length` split evenly into ceil(length / preferred) tiles (rounded up to a
+    multiple of 8), so that a length just over a multiple of `preferred` is not padded to the next
+    one (640 tokens in 512-token tiles computed 3 tiles of 512^2 for 640 real rows: 2x XLA's work)."""
+    if length <= preferred:
+        return length
+    tiles = -(-length // preferred)
+    return -(-(-(-length // tiles)) // 8) * 8
+
+
 def _pad_to(x: jax.Array, length: int, fill) -> jax.Array:
     extra = length - x.shape[1]
     if not extra:
@@ -198,7 +208,7 @@ class Tiles(NamedTuple):
            q_block: int | None = None, kv_block: int | None = None) -> Tiles:
         b, t, n, h = q_btnh.shape
         s, kh = k_bskh.shape[1], k_bskh.shape[2]
-        bq, bk = min(q_block or Q_BLOCK, t), min(kv_block or KV_BLOCK, s)
+        bq, bk = tile_length(t, q_block or Q_BLOCK), tile_length(s, kv_block or KV_BLOCK)
         tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
         q = _pad_to(q_btnh.reshape(b, t, kh, n // kh, h), tp, 0)
         k, v = _pad_to(k_bskh, sp, 0).astype(q.dtype), _pad_to(v_bskh, sp, 0).astype(q.dtype)
