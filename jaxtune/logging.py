@@ -44,6 +44,28 @@ def warn_once(message: str) -> None:
     logger.warning(message)
 
 
+def keep_until(path, step: int) -> None:
+    """Drop the records of a jsonl file past `step` (and lines cut by a crash): a resumed run's
+    files describe exactly the trajectory that continues."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsWriter:
     """output_dir/metrics.jsonl (one JSON object per record), plus TensorBoard and W&B when enabled.
 
@@ -63,16 +85,7 @@ class MetricsWriter:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a crash
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        keep_until(self.path, resume_step)
         self._file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -110,7 +123,7 @@ class MetricsWriter:
 
 
 # Objective metrics the progress bar and log lines show when a step has them (TRL's names).
-SHOWN_METRICS = ("rewards/accuracies", "rewards/margins", "kl", "nll_loss")
+SHOWN_METRICS = ("reward", "rewards/accuracies", "rewards/margins", "kl", "nll_loss")
 
 
 class Progress:

@@ -70,8 +70,8 @@ def run(cfg: Config) -> TrainResult:
     if jax.process_index() == 0:
         _write_atomic(output_dir / "config.resolved.yml", dump_config(cfg))
     data = _prepare_once(cfg)
-    objective = objective_for(cfg, data)
     mesh_plan = plan_for(cfg)
+    objective = objective_for(cfg, data, ranks=mesh_plan.batch_ranks)
     model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
     trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trainable_filter(model, spec),
                       output_dir=output_dir, mesh_plan=mesh_plan)
@@ -79,12 +79,20 @@ def run(cfg: Config) -> TrainResult:
     trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
     total = trained + sum(x.size for x in jax.tree.leaves(trainer.frozen))
     ranks = mesh_plan.batch_ranks
+    ranks = mesh_plan.batch_ranks
+    if trainer.rollouts is not None:
+        shape = objective.shape
+        batch = (f"rollouts of {shape.prompts} prompt(s) x {shape.generations} completions of up to "
+                 f"{trainer.rollouts.max_new} tokens, {shape.steps_per_rollout} optimizer step(s) of "
+                 f"{cfg.micro_batch_size} completions per rank x {ranks} rank(s) x {cfg.gradient_accumulation_steps} "
+                 f"accumulation per pass, {shape.iterations} pass(es)")
+    else:
+        batch = (f"global batch {cfg.micro_batch_size} per rank x {ranks} data-parallel rank(s) x "
+                 f"{cfg.gradient_accumulation_steps} accumulation = "
+                 f"{cfg.micro_batch_size * ranks * cfg.gradient_accumulation_steps} rows of up to {data.row_len} tokens")
     info(f"training {trained:,} of {total:,} parameters ({'full' if spec is None else cfg.adapter}); compute "
          f"{precision.compute}; {mesh_plan.describe()} over {jax.device_count()} device(s), "
-         f"{jax.process_count()} process(es); global batch {cfg.micro_batch_size} per rank x {ranks} data-parallel "
-         f"rank(s) x {cfg.gradient_accumulation_steps} accumulation = "
-         f"{cfg.micro_batch_size * ranks * cfg.gradient_accumulation_steps} rows of up to "
-         f"{data.row_len} tokens; objective {objective.name}"
+         f"{jax.process_count()} process(es); {batch}; objective {objective.name}"
          + (f" (reference: {'precomputed' if cfg.precompute_ref_log_probs else 'in the step'})"
             if objective.needs_reference else "")
          + f"; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")

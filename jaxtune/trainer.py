@@ -198,18 +198,27 @@ class Trainer:
         share, shares, ranks = M.host_batch_share(self.mesh)
         # Every process must build the same global shapes: with several, rows pad to sequence_len.
         pad_to_len = cfg.pad_to_sequence_len or jax.process_count() > 1
-        self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=data.row_len,
-                                  pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=pad_to_len,
-                                  shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares,
-                                  collate=objective.collate)
-        self.eval_loader = None
-        if data.eval is not None and len(data.eval):
-            self.eval_loader = BatchLoader(data.eval, batch_size=(cfg.eval_batch_size or cfg.micro_batch_size) * ranks,
-                                           sequence_len=data.row_len, pad_id=self.pad_id, packed=data.eval_packed,
-                                           pad_to_sequence_len=pad_to_len, shuffle=False,
-                                           shard_index=share, shard_count=shares, collate=objective.collate)
-        self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
+        self.loader = self.eval_loader = self.rollouts = None
         self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+        if objective.data_kind == "prompt":  # GRPO: the batches come from rollouts (jaxtune/rollout.py)
+            from jaxtune.generate import eos_ids_for
+            from jaxtune.rollout import Rollouts
+
+            self.rollouts = Rollouts(cfg, data, objective, mesh=self.mesh, graphdef=self.graphdef,
+                                     eos_ids=eos_ids_for(model, data.tokenizer), output_dir=output_dir)
+            self.plan = make_plan(cfg, self.rollouts.steps_per_epoch * self.accum, self.rollouts.eval_rows is not None)
+        else:
+            self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=data.row_len,
+                                      pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=pad_to_len,
+                                      shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares,
+                                      collate=objective.collate)
+            if data.eval is not None and len(data.eval):
+                self.eval_loader = BatchLoader(
+                    data.eval, batch_size=(cfg.eval_batch_size or cfg.micro_batch_size) * ranks,
+                    sequence_len=data.row_len, pad_id=self.pad_id, packed=data.eval_packed,
+                    pad_to_sequence_len=pad_to_len, shuffle=False, shard_index=share, shard_count=shares,
+                    collate=objective.collate)
+            self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
         self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps)
         placed = M.place_training_state(self.mesh_plan, self.mesh, trainable, frozen, self.optimizer)
         self.trainable, self.frozen, self.opt_state = placed.trainable, placed.frozen, placed.opt_state
@@ -236,7 +245,15 @@ class Trainer:
         self.eval_step = make_eval_step(self.graphdef, objective, reference=self.reference)
         self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
         self.step = 0
-        self.position = {"loader": None, "batch_in_epoch": 0}
+        self.position = {"loader": None, "batch_in_epoch": 0} if self.rollouts is None else {"rollouts": None}
+        # TR-DPO (trl.sync_ref_model): the reference moves towards the policy every ref_model_sync_steps
+        trl = cfg.trl
+        self.sync = (trl.ref_model_mixup_alpha, trl.ref_model_sync_steps) \
+            if trl is not None and trl.sync_ref_model and self.ref_params is not None else None
+        if self.sync is not None:
+            from jaxtune.objectives.reference import mix_into
+
+            self._mix = jax.jit(mix_into, static_argnums=2, donate_argnums=0)
 
     def _precomputed(self, rows, split: str, ranks: int, packed: bool):
         """`rows` with the reference's log-probs of every row (objectives/reference.py: computed once
@@ -265,26 +282,39 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def _state_tree(self) -> dict:
-        return {"params": nnx.to_pure_dict(self.trainable),
+        tree = {"params": nnx.to_pure_dict(self.trainable),
                 "optimizer": {"opt_state": jax.tree.leaves(self.opt_state), "rng": jax.random.key_data(self.rng)}}
+        if self.sync is not None:  # a synced reference is state too
+            tree["reference"] = nnx.to_pure_dict(self.ref_params)
+        return tree
 
     def save(self) -> None:
         meta = {"step": self.step, **self.position, "config": self.cfg.model_dump(mode="json"),
                 "data_layout": self._data_layout()}
+        if self.rollouts is not None:
+            meta["rollout_boundary"] = self.rollouts.at_boundary
         self.checkpoints.save(self.step, self._state_tree(), meta)
 
     def _data_layout(self) -> dict:
-        """What the loader position means: rows per host batch and host shares (a resumed run
-        must read the data the same way; the mesh itself may differ)."""
+        """What the loader position means: rows per host batch and host shares, or the prompts of a
+        rollout (a resumed run must read the data the same way; the mesh itself may differ)."""
+        if self.rollouts is not None:
+            return self.rollouts.layout()
         return {"host_batch_rows": self.loader.batch_size, "host_shares": self.loader.shard_count}
 
     def restore(self, source: Checkpoints, step: int) -> None:
         saved = source.read_meta(step).get("data_layout")
         if saved is not None and saved != self._data_layout():
-            here = self._data_layout()
+            here, where = self._data_layout(), source.directory / str(step)
+            if self.rollouts is not None:
+                raise JaxtuneError(
+                    f"checkpoint {where} sampled {saved.get('prompts_per_rollout')} prompt(s) x "
+                    f"{saved.get('generations')} completions per rollout; this run samples {here['prompts_per_rollout']}"
+                    f" x {here['generations']}: keep trl.generation_batch_size (micro_batch_size x ranks x "
+                    "accumulation) and trl.num_generations as they were, so the prompts continue where they stopped")
             raise JaxtuneError(
-                f"checkpoint {source.directory / str(step)} read {saved['host_batch_rows']} rows per step on each of "
-                f"{saved['host_shares']} host share(s); this run reads {here['host_batch_rows']} on "
+                f"checkpoint {where} read {saved.get('host_batch_rows')} rows per step on each of "
+                f"{saved.get('host_shares')} host share(s); this run reads {here['host_batch_rows']} on "
                 f"{here['host_shares']}: keep micro_batch_size x data-parallel ranks (and the number of hosts) as they "
                 "were, so the data continues where it stopped")
         state, meta = source.restore(step, self._state_tree())
@@ -292,8 +322,15 @@ class Trainer:
         treedef = jax.tree.structure(self.opt_state)
         self.opt_state = jax.tree.unflatten(treedef, state["optimizer"]["opt_state"])
         self.rng = jax.random.wrap_key_data(state["optimizer"]["rng"])
+        if self.sync is not None:
+            nnx.replace_by_pure_dict(self.ref_params, state["reference"])
         self.step = int(meta["step"])
-        self.position = {"loader": meta["loader"], "batch_in_epoch": int(meta["batch_in_epoch"])}
+        self.position = {k: meta.get(k) for k in self.position}
+        if self.rollouts is not None:
+            self.rollouts.restore(self.position["rollouts"])
+            if not meta.get("rollout_boundary", True):
+                info(f"checkpoint {source.directory / str(step)} was written inside a rollout (at the end of training "
+                     "or on interrupt): the resumed run starts the next rollout")
         info(f"resumed from {source.directory / str(step)} at step {self.step}")
 
     # -- loop -------------------------------------------------------------------------------
@@ -302,7 +339,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The eval set's loss and the objective's metrics (`eval_loss`, `eval_<metric>`): sums over all
-        eval batches divided once by their totals."""
+        eval batches divided once by their totals. GRPO: the rewards of completions sampled for the
+        held-out prompts (`eval_reward`, ...)."""
+        if self.rollouts is not None:
+            from jaxtune.objectives.rewards import TrainerState
+
+            return self.rollouts.evaluate(self.trainable, self.frozen, TrainerState(
+                self.step, self.step / self.plan.steps_per_epoch, self.plan.total_steps))
         objective = self.objective
         loss_sum, sums, totals = 0.0, {}, {}
         for batch in self.eval_loader.iterate(num_epochs=1):
@@ -321,6 +364,53 @@ class Trainer:
         metrics = objective.finish({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
         return {"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}
 
+    def _loader_steps(self):
+        """Each step's stacked host batch from the loader, with the loader's position after it."""
+        plan = self.plan
+        epochs = None if self.cfg.max_steps else self.cfg.num_epochs
+        batches = self.loader.iterate(num_epochs=epochs, state=self.position["loader"])
+        in_epoch = self.position["batch_in_epoch"]
+        while True:
+            group = []
+            while len(group) < self.accum:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                group.append(batch)
+                in_epoch += 1
+                if in_epoch == plan.batches_per_epoch:
+                    in_epoch = 0
+                    break
+            if not group:
+                return
+            yield stack_micro_batches(group, self.accum, self.objective.layout), {}, \
+                {"loader": self.loader.state(), "batch_in_epoch": in_epoch}
+
+    def _rollout_steps(self):
+        """Each step's host batch from rollouts (GRPO), with the rollout's metrics on its first step."""
+        from jaxtune.objectives.rewards import TrainerState
+
+        while True:
+            state = TrainerState(self.step, self.step / self.plan.steps_per_epoch, self.plan.total_steps)
+            batch, extra = self.rollouts.next_step(self.trainable, self.frozen, step=self.step, epoch=state.epoch,
+                                                   max_steps=state.max_steps)
+            yield batch, extra, {"rollouts": self.rollouts.state()}
+
+    def _run_step(self, stacked) -> dict:
+        traces, started = self.train_step.traces, time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self.trainable, self.opt_state, out = self.train_step(
+                self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng, np.int32(self.step),
+                self.ref_params)
+        dispatched = time.perf_counter()
+        record = {k: float(v) for k, v in jax.device_get(out).items()}
+        if self.train_step.traces != traces:  # a new batch shape: the call returned after tracing and compiling
+            record["timing/compile"] = dispatched - started
+        if self.sync is not None and (self.step + 1) % self.sync[1] == 0:
+            with jax.set_mesh(self.mesh):
+                self.ref_params = self._mix(self.ref_params, self.trainable, self.sync[0])
+        return record
+
     def train(self, metrics: MetricsWriter) -> dict:
         """Run until total_steps; returns the last record. Ctrl-C saves a checkpoint and re-raises."""
         plan = self.plan
@@ -328,50 +418,45 @@ class Trainer:
             info(f"training already finished at step {self.step}")
             return {}
         progress = Progress(plan.total_steps, self.step, self.cfg.logging_steps)
-        epochs = None if self.cfg.max_steps else self.cfg.num_epochs
-        batches = self.loader.iterate(num_epochs=epochs, state=self.position["loader"])
-        in_epoch = self.position["batch_in_epoch"]
-        last, saved_step = {}, self.checkpoints.latest()
+        steps = self._rollout_steps() if self.rollouts is not None else self._loader_steps()
+        shares = 1 if self.loader is None else self.loader.shard_count  # rollouts give every host the whole batch
+        last, saved_step, save_due = {}, self.checkpoints.latest(), False
         interrupted = False
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while self.step < plan.total_steps:
-                group = []
                 started = time.perf_counter()
-                while len(group) < self.accum:
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    group.append(batch)
-                    in_epoch += 1
-                    if in_epoch == plan.batches_per_epoch:
-                        in_epoch = 0
-                        break
-                if not group:
+                got = next(steps, None)
+                if got is None:
                     break
-                stacked = stack_micro_batches(group, self.accum, self.objective.layout)
-                tokens = int((stacked["segment_ids"] > 0).sum()) * self.loader.shard_count  # about all hosts'
-                slots = int(stacked["segment_ids"].size) * self.loader.shard_count  # padding included
-                with jax.set_mesh(self.mesh):
-                    self.trainable, self.opt_state, out = self.train_step(
-                        self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng,
-                        np.int32(self.step), self.ref_params)
-                record = {k: float(v) for k, v in jax.device_get(out).items()}
+                stacked, extra, position = got
+                fetched = time.perf_counter()
+                tokens = int((stacked["segment_ids"] > 0).sum()) * shares  # about all hosts'
+                slots = int(stacked["segment_ids"].size) * shares  # padding included
+                if extra.get("skipped_zero_adv_batches"):  # GRPO: no learning signal, no forward, no update
+                    record = {"loss": 0.0, "lr": float(self.schedule(self.step)), "grad_norm": 0.0,
+                              "weight": float(np.sum(stacked["completions"]))}
+                else:
+                    record = self._run_step(stacked)
                 self.step += 1
                 if not math.isfinite(record["loss"]):
                     raise TrainingError(
                         f"loss is {record['loss']} at step {self.step}; stopping. The last good checkpoint is "
                         + (str(self.checkpoints.directory / str(saved_step)) if saved_step is not None else "none")
                         + " (lower learning_rate or check the data of this step)")
-                self.position = {"loader": self.loader.state(), "batch_in_epoch": in_epoch}
-                elapsed = time.perf_counter() - started
-                extra = self.objective.finish({k: v for k, v in record.items()
+                self.position = position
+                ended = time.perf_counter()
+                elapsed, trained = ended - started, ended - fetched
+                found = self.objective.finish({k: v for k, v in record.items()
                                                if k not in ("loss", "lr", "grad_norm", "weight") and math.isfinite(v)})
                 record = {"step": self.step, "loss": record["loss"], "lr": record["lr"],
-                          "grad_norm": record["grad_norm"], "tokens_per_sec": tokens / max(elapsed, 1e-9),
+                          "grad_norm": record["grad_norm"],
+                          "tokens_per_sec": tokens / max(trained if self.rollouts is not None else elapsed, 1e-9),
                           "step_seconds": round(elapsed, 4), "token_slots": slots,
                           "epoch": round(self.step / plan.steps_per_epoch, 4),
-                          self.objective.unit: int(record["weight"]), **extra}
+                          self.objective.unit: int(record["weight"]), **found, **extra}
+                if self.rollouts is not None:
+                    record["timing/train"] = round(trained, 4)
                 if self.step % self.cfg.logging_steps == 0 or self.step == plan.total_steps:
                     metrics.write(record)
                 progress.update(self.step, record)
@@ -381,12 +466,13 @@ class Trainer:
                     evaluated = self.evaluate()
                     metrics.write({"step": self.step, **evaluated, "epoch": record["epoch"]})
                     progress.message(f"step {self.step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in evaluated.items() if k in ("eval_loss", "eval_rewards/accuracies",
-                                                                          "eval_rewards/margins")))
+                        f"{k} {v:.4f}" for k, v in evaluated.items() if k in (
+                            "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_reward")))
                     last = {**last, **evaluated}
-                if plan.save_every and (self.step % plan.save_every == 0 or final):
-                    self.save()
-                    saved_step = self.step
+                save_due = save_due or bool(plan.save_every and self.step % plan.save_every == 0)
+                if (save_due and (self.rollouts is None or self.rollouts.at_boundary)) or (final and plan.save_every):
+                    self.save()  # GRPO: at a rollout's end (a save due inside one waits), and the last step's
+                    saved_step, save_due = self.step, False
         except KeyboardInterrupt:
             interrupted = True
         finally:

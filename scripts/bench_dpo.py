@@ -174,15 +174,19 @@ def worker_trl(args) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_worker(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--work", args.work, "--seq", str(args.seq),
-           "--rows-per-step", str(args.rows_per_step)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                                                     "TOKENIZERS_PARALLELISM": "false"})
+def run_script_worker(script: str, name: str, flags: list[str]) -> dict:
+    """Run `script --worker NAME FLAGS` in a fresh CPU process; its result line, or {"error": stderr}."""
+    proc = subprocess.run([sys.executable, script, "--worker", name, *flags], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)), None)
     if proc.returncode != 0 or line is None:
         return {"name": name, "error": proc.stderr[-1500:]}
     return json.loads(line[len(RESULT_TAG):])
+
+
+def run_worker(name: str, args) -> dict:
+    return run_script_worker(__file__, name, ["--work", args.work, "--seq", str(args.seq),
+                                              "--rows-per-step", str(args.rows_per_step)])
 
 
 def main(argv=None) -> int:

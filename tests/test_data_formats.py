@@ -8,6 +8,7 @@ differently (by diffing renders), so the two must agree.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -215,9 +216,15 @@ def test_completion_pretrain_and_input_output(tokenizer):
 
 
 def test_prompt_rows_keep_other_columns(tokenizer):
-    [ex] = encode(tokenizer, {"path": "x", "type": "prompt"}, [{"prompt": "2+2?", "answer": "4"}])
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)
-    assert ex["prompt_ids"] == ids_of(tokenizer, text) and ex["answer"] == "4"
+    """GRPO's rows: a message list through the chat template (generation prompt added); the prompt
+    and every other column kept for the reward functions."""
+    messages = [{"role": "user", "content": "2+2?"}]
+    [ex] = encode(tokenizer, {"path": "x", "type": "prompt"}, [{"prompt": messages, "answer": "4"}], rl="grpo")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ex["prompt_ids"] == ids_of(tokenizer, text)
+    assert json.loads(ex["prompt"]) == messages and json.loads(ex["columns"]) == {"answer": "4"}
+    with pytest.raises(JaxtuneError, match="type 'prompt' makes prompt rows for rl: grpo"):
+        encode(tokenizer, {"path": "x", "type": "prompt"}, [{"prompt": "2+2?"}])
 
 
 def test_unknown_type_lists_supported(tokenizer):

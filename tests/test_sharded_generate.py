@@ -51,3 +51,49 @@ def test_sampler_with_parameters_sharded_over_a_mesh(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SHARDED-OK" in proc.stdout
+
+
+ROLLOUT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jaxtune.checkpoint.hf import load_model
+    from jaxtune.generate import SamplingConfig, left_pad, make_rollout
+    from jaxtune.parallel import mesh as M
+
+    assert jax.device_count() == 4, jax.devices()
+    model = load_model(sys.argv[1])
+    graphdef, state = nnx.split(model)
+    rollout = make_rollout(graphdef, max_new_tokens=10, eos_ids=[63], pad_id=0, num_generations=4)
+    ids, seg = left_pad([[1, 2, 3, 4], [7, 8], [9], [5, 6, 7]], 0, 8)
+    settings = SamplingConfig(temperature=1.0, top_k=20).traced()
+    key = jax.random.key(3)
+    empty = nnx.State({})
+    want = rollout(state, empty, ids, seg, key, settings)
+    for shape in ({"data": 2, "fsdp": 2}, {"data": 1, "fsdp": 2, "tensor": 2}):
+        mesh = M.make_mesh(**shape)
+        placed = M.shard_state(state, mesh)
+        prompts = NamedSharding(mesh, M.spec(("batch", None), ids.shape, mesh))
+        with jax.set_mesh(mesh):
+            got = rollout(placed, empty, M.place(ids, prompts), M.place(seg, prompts), key, settings)
+        assert np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens)), shape
+        assert np.array_equal(np.asarray(got.lengths), np.asarray(want.lengths)), shape
+        np.testing.assert_allclose(np.asarray(got.logps), np.asarray(want.logps), atol=1e-5, err_msg=str(shape))
+    print("ROLLOUT-OK")
+    """
+)
+
+
+def test_rollouts_on_the_training_mesh_equal_one_device(tmp_path):
+    """GRPO's sampler on the training mesh (prompts over the data axes, weights and the KV cache by the
+    logical-axis rules, data x fsdp and fsdp x tensor; 4 forced CPU devices), G = 4 completions per
+    prompt from one shared prefill: the same tokens and log-probs as on one device."""
+    path = save_tiny(tmp_path, LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", ROLLOUT, str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROLLOUT-OK" in proc.stdout

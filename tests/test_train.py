@@ -191,7 +191,7 @@ def test_training_config_errors():
         build_config({"optimizer": "adamw_torch_fuzed"})
     with pytest.raises(ConfigError, match="adapter: qlora needs load_in_4bit"):
         build_config({"adapter": "qlora", "lora_target_linear": True})
-    with pytest.raises(ConfigError, match="rl: grpo is not in this release"):
+    with pytest.raises(ConfigError, match="rl: grpo needs trl.reward_funcs"):
         build_config({"rl": "grpo"})
     with pytest.raises(ConfigError, match="lora_target_linear set without adapter"):
         build_config({"lora_target_linear": True})

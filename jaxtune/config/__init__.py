@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, PrivateAttr, ValidationError, model_validator
 
 from jaxtune.config.base import (
     DEPRECATED_KEYS,
@@ -45,6 +45,15 @@ __all__ = ["Config", "ConfigError", "DatasetConfig", "UserDefinedFormat", "UserD
 class Config(ModelKeys, DataKeys, TrainKeys, ParallelKeys, RLKeys):
     """The whole config: model, data, training, parallelism and preference keys in one flat mapping,
     as Axolotl writes it."""
+
+    # the directory of the config file it was read from: relative dataset paths, and the modules of
+    # reward functions and dataset transforms, are also looked for there (after the working directory)
+    _source_dir: str | None = PrivateAttr(None)
+
+    @property
+    def code_dirs(self) -> list[str]:
+        """Where `module.fn` paths (reward functions, dataset transforms) are imported from."""
+        return [os.getcwd()] + ([self._source_dir] if self._source_dir else [])
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +125,7 @@ def build_config(data: dict, *, source: str = "config", overrides: list[str] | N
         raise ConfigError(_format_errors(exc, source)) from None
     if base_dir is not None:
         _resolve_paths(cfg, Path(base_dir))
+        cfg._source_dir = str(Path(base_dir).resolve())
     return cfg
 
 

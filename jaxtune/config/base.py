@@ -66,6 +66,8 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "is_falcon_derived_model": "the architecture is read from config.json",
     "model_type": "the model class is read from config.json",
     "tf32": "TF32 is a CUDA matmul mode; XLA chooses matmul precision itself",
+    "vllm": "GRPO rollouts use jaxtune's own sampler on the training mesh, with the parameters being trained (no "
+            "vLLM server, no weight sync)",
     "torch_compile": "JAX always compiles the step with XLA",
     "torch_compile_backend": "JAX always compiles the step with XLA",
     "dataloader_num_workers": "the grain loader reads prepared rows in-process",

@@ -13,6 +13,7 @@ label boundary is a token boundary by construction. Chat formats go through `cha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -161,24 +162,68 @@ class ChatEncoder(Encoder):
 
 @dataclasses.dataclass
 class PromptEncoder(Encoder):
-    """Prompt-only rows (GRPO): the prompt rendered with the generation prompt; other columns kept."""
+    """Prompt rows (GRPO), as TRL reads them: a message list is rendered with the chat template and the
+    generation prompt; a string is tokenized as it is (with the tokenizer's own special tokens, as
+    TRL's `processing_class(text=prompts)`). With `transform` (Axolotl's `type: module.fn`), each raw
+    row goes through it first. The row keeps the prompt (messages normalized to role/content) and
+    every other column, as JSON, for the reward functions."""
 
     tok: TokenizerInfo
-    spec: ChatSpec
+    make_spec: Callable[[], ChatSpec]  # the chat template, resolved when a prompt is a message list
     field: str
+    transform: Callable | None = None
+    remove_columns: tuple[str, ...] | str = ()  # or "__all__" (Axolotl's): keep only what the transform returns
     type_name: str = "prompt"
     kind = "prompt"
 
     def __post_init__(self):
-        self.columns = (self.field,)
+        self.columns = () if self.transform is not None else (self.field,)
+        self._spec = None
 
     def __call__(self, row, where):
+        import json
+
+        if self.transform is not None:
+            row = self._transformed(row, where)
         value = row.get(self.field)
-        raw = [{"role": "user", "content": value}] if isinstance(value, str) else value
-        messages = chat.normalize_messages(raw, self.spec, where)
-        text = chat.render(self.tok.tokenizer, self.spec.template, messages, add_generation_prompt=True)
-        extra = {k: v for k, v in row.items() if k != self.field}
-        return [{"prompt_ids": self.tok.tokenizer(text, add_special_tokens=False)["input_ids"], **extra}]
+        if isinstance(value, str):
+            ids = self.tok.tokenizer(value)["input_ids"]
+        elif isinstance(value, list):
+            if self._spec is None:
+                self._spec = self.make_spec()
+            value = [{"role": m["role"], "content": m["content"]}
+                     for m in chat.normalize_messages(value, self._spec, where)]
+            text = chat.render(self.tok.tokenizer, self._spec.template, value, add_generation_prompt=True)
+            ids = self.tok.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            raise JaxtuneError(f"{where}: {self.field!r} must be a string or a list of messages (got "
+                               f"{type(value).__name__}{' from the transform' if self.transform else ''})")
+        if not ids:
+            raise JaxtuneError(f"{where}: the prompt is empty")
+        columns = {k: v for k, v in row.items() if k != self.field}
+        return [{"prompt_ids": ids, "prompt": json.dumps(value), "columns": json.dumps(columns, default=str)}]
+
+    def _transformed(self, row, where):
+        try:
+            out = self.transform(dict(row), tokenizer=self.tok.tokenizer) if _takes_tokenizer(self.transform) \
+                else self.transform(dict(row))
+        except Exception as e:  # noqa: BLE001 - the user's transform: say where
+            raise JaxtuneError(f"{where}: dataset type {self.type_name!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(out, dict):
+            raise JaxtuneError(f"{where}: dataset type {self.type_name!r} returned {type(out).__name__}, not a row")
+        merged = {} if self.remove_columns == "__all__" else \
+            {k: v for k, v in row.items() if k not in self.remove_columns}
+        merged.update(out)  # as datasets.map: the returned columns over the row's
+        return merged
+
+
+def _takes_tokenizer(fn) -> bool:
+    import inspect
+
+    try:
+        return "tokenizer" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 SFT_TYPES = ("alpaca", "completion", "pretrain", "input_output", "chat_template", "sharegpt")
@@ -216,16 +261,20 @@ def end_of_turn_ids(tok: TokenizerInfo, template_name: str | None) -> frozenset[
 
 
 def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str, top_jinja: str | None,
-                  train_on_inputs: bool, sequence_len: int, rl: str | None = None) -> Encoder:
-    """The encoder for one `datasets:` entry (`rl`: the preference objective, whose rows it makes)."""
+                  train_on_inputs: bool, sequence_len: int, rl: str | None = None, transform_cfg=None,
+                  dataset_index: int = 0) -> Encoder:
+    """The encoder for one `datasets:` entry (`rl`: the objective, whose rows it makes; `transform_cfg`
+    and `dataset_index`: what a GRPO row transform's loader is called with, as Axolotl calls it)."""
     kind = entry.type
-    if kind is None:
+    if kind is None and rl not in ("grpo", "gdpo"):
         raise JaxtuneError(f"dataset {entry.path}: set `type:` (one of {', '.join(SUPPORTED_TYPES)}, or a "
                            "user-defined mapping)")
-    if isinstance(kind, str) and kind not in TYPE_KEYS:
+    if isinstance(kind, str) and kind not in TYPE_KEYS and rl not in ("grpo", "gdpo"):
         raise JaxtuneError(f"dataset {entry.path}: unknown type '{kind}'; supported: {', '.join(SUPPORTED_TYPES)} "
                            "(or a user-defined mapping)")
-    if rl is not None and rl != "grpo":
+    if rl in ("grpo", "gdpo"):
+        return _prompt_encoder(entry, tok, top_template, top_jinja, transform_cfg, dataset_index)
+    if rl is not None:
         if train_on_inputs:
             raise JaxtuneError(f"dataset {entry.path}: train_on_inputs does not apply to rl: {rl} (only the "
                                "responses are compared)")
@@ -250,16 +299,8 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
     if kind == "input_output":
         return InputOutputEncoder(tok)
 
-    def spec(template_name=None, **defaults) -> ChatSpec:
-        name = template_name or entry.chat_template or top_template
-        jinja = entry.chat_template_jinja or (top_jinja if name == "jinja" else None)
-        template = resolve_chat_template(name, jinja, tok.tokenizer)
-        return ChatSpec.build(
-            template, field_messages=entry.field_messages or defaults.get("field_messages"),
-            message_property_mappings=entry.message_property_mappings or defaults.get("mappings"),
-            roles=entry.roles, roles_to_train=entry.roles_to_train, train_on_eos=entry.train_on_eos,
-            train_on_inputs=train_on_inputs, drop_system_message=entry.drop_system_message,
-            eot_ids=end_of_turn_ids(tok, name))
+    def spec(**defaults) -> ChatSpec:
+        return _chat_spec(entry, tok, top_template, top_jinja, train_on_inputs=train_on_inputs, **defaults)
 
     if kind in ("chat_template", "sharegpt"):
         if kind == "sharegpt":
@@ -267,7 +308,50 @@ def build_encoder(entry: DatasetConfig, *, tok: TokenizerInfo, top_template: str
             return ChatEncoder(tok, spec(field_messages="conversations",
                                          mappings={"role": "from", "content": "value"}), type_name="sharegpt")
         return ChatEncoder(tok, spec())
-    return PromptEncoder(tok, spec(), entry.field_prompt or "prompt")
+    raise JaxtuneError(f"dataset {entry.path}: type 'prompt' makes prompt rows for rl: grpo (set rl: grpo and "
+                       "trl.reward_funcs)")
+
+
+def _chat_spec(entry: DatasetConfig, tok: TokenizerInfo, top_template: str, top_jinja: str | None, *,
+               train_on_inputs: bool = False, field_messages: str | None = None, mappings=None) -> ChatSpec:
+    name = entry.chat_template or top_template
+    jinja = entry.chat_template_jinja or (top_jinja if name == "jinja" else None)
+    template = resolve_chat_template(name, jinja, tok.tokenizer)
+    return ChatSpec.build(
+        template, field_messages=entry.field_messages or field_messages,
+        message_property_mappings=entry.message_property_mappings or mappings, roles=entry.roles,
+        roles_to_train=entry.roles_to_train, train_on_eos=entry.train_on_eos, train_on_inputs=train_on_inputs,
+        drop_system_message=entry.drop_system_message, eot_ids=end_of_turn_ids(tok, name))
+
+
+def _prompt_encoder(entry: DatasetConfig, tok: TokenizerInfo, top_template: str, top_jinja: str | None, cfg,
+                    dataset_index: int) -> PromptEncoder:
+    """GRPO's rows: `type: prompt` (or none: a `prompt` column as it is), or Axolotl's `type: module.fn`
+    row transform."""
+    kind = entry.type
+    if kind is not None and not isinstance(kind, str):
+        raise JaxtuneError(f"dataset {entry.path}: rl: grpo reads prompts: type: prompt, a module.fn row transform, "
+                           "or no type (a `prompt` column)")
+    if kind is None or kind == "prompt":
+        _check_keys(entry, "prompt")
+        return PromptEncoder(tok, functools.partial(_chat_spec, entry, tok, top_template, top_jinja),
+                             entry.field_prompt or "prompt")
+    if kind in TYPE_KEYS or "." not in kind:
+        raise JaxtuneError(f"dataset {entry.path}: type '{kind}' makes {'SFT or preference' if kind in TYPE_KEYS else 'no'}"
+                           " rows; rl: grpo trains on prompts: type: prompt, a module.fn row transform (Axolotl's "
+                           "form: fn(cfg, dataset_idx) returns transform(row) -> {'prompt': ..., ...}), or no type")
+    from jaxtune.objectives.rewards import dataset_transform
+
+    _check_keys(entry, "prompt")
+    transform, kwargs = dataset_transform(kind, cfg, dataset_index)
+    unknown = sorted(set(kwargs) - {"remove_columns"})
+    if unknown:
+        raise JaxtuneError(f"dataset {entry.path}: type {kind!r} returned map arguments {unknown}; jaxtune reads "
+                           "remove_columns only")
+    remove = kwargs.get("remove_columns") or ()
+    return PromptEncoder(tok, functools.partial(_chat_spec, entry, tok, top_template, top_jinja),
+                         entry.field_prompt or "prompt", transform=transform, remove_columns=remove if remove == "__all__" else tuple(remove),
+                         type_name=kind)
 
 
 def tokenizer_info(tokenizer, eot_tokens: list[str] | None = None) -> TokenizerInfo:

@@ -23,7 +23,7 @@ from jaxtune.config import Config, DatasetConfig
 from jaxtune.data import packing, sources
 from jaxtune.data.formats import Encoder, build_encoder, tokenizer_info
 from jaxtune.errors import JaxtuneError
-from jaxtune.logging import info
+from jaxtune.logging import info, warn_once
 
 CACHE_VERSION = 2
 PREFERENCE_KINDS = ("preference", "unpaired")  # rows of laid-out examples (data/preference.py)
@@ -96,6 +96,20 @@ def _file_fingerprint(path: str) -> list:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def _module_fingerprint(dotted: str, dirs: list[str]) -> list:
+    import importlib.util
+    import sys
+
+    for d in reversed(dirs):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    try:
+        found = importlib.util.find_spec(dotted.rsplit(".", 1)[0])
+    except (ImportError, ValueError):
+        found = None
+    return _file_fingerprint(found.origin) if found is not None and found.origin else [dotted]
+
+
 def cache_key(cfg: Config, tokenizer) -> str:
     data_keys = ["dataset_weights", "shuffle_merged_datasets", "val_set_size", "dataset_shard_num",
                  "dataset_shard_idx", "seed", "sequence_len", "excess_length_strategy", "sample_packing",
@@ -107,6 +121,10 @@ def cache_key(cfg: Config, tokenizer) -> str:
         "datasets": [e.model_dump(mode="json") for e in cfg.datasets],
         "test_datasets": [e.model_dump(mode="json") for e in cfg.test_datasets or []],
         "files": [_file_fingerprint(e.path) for e in list(cfg.datasets) + list(cfg.test_datasets or [])],
+        # a `type: module.fn` transform (GRPO) is code of the user's: its file is part of the key
+        "transforms": [_module_fingerprint(e.type, cfg.code_dirs)
+                       for e in list(cfg.datasets) + list(cfg.test_datasets or [])
+                       if isinstance(e.type, str) and "." in e.type],
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         "special": tokenizer.special_tokens_map,
         "template": getattr(tokenizer, "chat_template", None),
@@ -144,7 +162,7 @@ def _tokenize(ds, encoder: Encoder, where: str, processes: int, shards: int | No
 def _length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
     """Drop / truncate / reject rows longer than sequence_len, and drop rows with nothing to train."""
     if kind == "prompt":
-        return ds
+        return _prompt_length_policy(ds, cfg, where, stats)
     if kind in PREFERENCE_KINDS:
         return _example_length_policy(ds, kind, cfg, where, stats)
     limit = cfg.sequence_len
@@ -161,6 +179,22 @@ def _length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
                         desc=f"truncating {where}")
     trains = [any(t != -100 for t in x) for x in ds["labels"]] if len(ds) else []
     return _drop_untrained(ds, np.asarray(trains, bool), where, stats)
+
+
+def _prompt_length_policy(ds, cfg: Config, where: str, stats: dict):
+    """GRPO prompts longer than sequence_len: dropped, truncated from the left (the end of the prompt,
+    next to the completion, stays; as TRL and Axolotl), or an error naming the row."""
+    limit = cfg.sequence_len
+    lengths = np.asarray([len(x) for x in ds["prompt_ids"]]) if len(ds) else np.zeros(0, int)
+    too_long = _over_limit(lengths, cfg, where, stats, "prompts are longer")
+    if too_long.size:
+        info(f"{where}: {too_long.size} of {len(ds)} prompts longer than sequence_len={limit} were "
+             f"{'dropped' if cfg.excess_length_strategy == 'drop' else 'truncated from the left'}")
+        if cfg.excess_length_strategy == "drop":
+            return ds.select(np.flatnonzero(lengths <= limit))
+        return ds.map(lambda b: {"prompt_ids": [x[-limit:] for x in b["prompt_ids"]]}, batched=True,
+                      desc=f"truncating {where}")
+    return ds
 
 
 def _over_limit(lengths: np.ndarray, cfg: Config, where: str, stats: dict, what: str) -> np.ndarray:
@@ -294,7 +328,8 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
         for i, entry in enumerate(entries):
             where = f"{label}[{i}] ({entry.path})"
             encoder = build_encoder(entry, tok=info_, top_template=cfg.chat_template, top_jinja=cfg.chat_template_jinja,
-                                    train_on_inputs=cfg.train_on_inputs, sequence_len=cfg.sequence_len, rl=cfg.rl)
+                                    train_on_inputs=cfg.train_on_inputs, sequence_len=cfg.sequence_len, rl=cfg.rl,
+                                    transform_cfg=cfg, dataset_index=i)
             raw = sources.load_rows(entry, i)
             ds = _tokenize(raw, encoder, where, processes, entry.preprocess_shards)
             ds = _length_policy(ds, encoder.kind, cfg, where, stats)
@@ -337,6 +372,10 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
         train = _lay_out(train, kind, cfg, cfg.sample_packing, "train", stats)
         if evaluation is not None and len(evaluation):
             evaluation = _lay_out(evaluation, kind, cfg, cfg.packs_eval, "eval", stats)
+    elif kind == "prompt":
+        if cfg.sample_packing:
+            warn_once("sample_packing has no effect under rl: grpo: each row of a GRPO batch holds one prompt and its "
+                      "completions, laid out when they are sampled")
     else:
         if cfg.sample_packing:
             train = _pack(train, cfg.sequence_len, kind, "train", stats)

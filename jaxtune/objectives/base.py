@@ -29,9 +29,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.batch import Layout
+from jaxtune.batch import BRANCH, Layout
+
+
+def per_example(values: jax.Array, segment_ids: jax.Array, examples: int, branches: int = 3) -> jax.Array:
+    """Sum [B, T] token values by (row, example, branch) -> [B, examples, branches] (branch 0 the
+    shared prompt, b >= 1 the b-th answer or completion; jaxtune.batch); padding tokens (segment 0)
+    count nowhere."""
+    b = segment_ids.shape[0]
+    example = (segment_ids & (BRANCH - 1)) - 1
+    branch = segment_ids >> 24  # BRANCH == 1 << 24
+    row = jnp.arange(b, dtype=jnp.int32)[:, None]
+    slots = b * examples * branches
+    index = jnp.where(segment_ids > 0, (row * examples + example) * branches + branch, slots)
+    sums = jax.ops.segment_sum(values.reshape(-1), index.reshape(-1), num_segments=slots + 1)
+    return sums[:slots].reshape(b, examples, branches)
 
 
 class Objective:

@@ -24,22 +24,9 @@ import numpy as np
 
 from jaxtune.batch import BRANCH, EXAMPLES, IGNORE, TOKENS, Key, Layout, continues, next_token_labels
 from jaxtune.objectives import losses as L
-from jaxtune.objectives.base import Objective
+from jaxtune.objectives.base import Objective, per_example
 
 REF_KEY = "ref_logps"  # [rows, examples, 2]: the reference's summed completion log-probs of branches 1 and 2
-
-
-def per_example(values: jax.Array, segment_ids: jax.Array, examples: int) -> jax.Array:
-    """Sum [B, T] token values by (row, example, branch) -> [B, examples, 3] (branch 0 the shared
-    prompt, 1 and 2 the answers); padding tokens (segment 0) count nowhere."""
-    b = segment_ids.shape[0]
-    example = (segment_ids & (BRANCH - 1)) - 1
-    branch = segment_ids >> 24  # BRANCH == 1 << 24
-    row = jnp.arange(b, dtype=jnp.int32)[:, None]
-    slots = b * examples * 3
-    index = jnp.where(segment_ids > 0, (row * examples + example) * 3 + branch, slots)
-    sums = jax.ops.segment_sum(values.reshape(-1), index.reshape(-1), num_segments=slots + 1)
-    return sums[:slots].reshape(b, examples, 3)
 
 
 class PreferenceObjective(Objective):

@@ -52,6 +52,15 @@ def initial_copy(trainable: nnx.State, *, fresh_adapters: bool, abstract: bool =
     return nnx.from_flat_state(flat if abstract else [(p, jax.tree.map(jnp.copy, v)) for p, v in flat])
 
 
+def mix_into(ref_params: nnx.State, trainable: nnx.State, alpha: float) -> nnx.State:
+    """TR-DPO's reference update (TRL's SyncRefModelCallback): ref <- alpha * policy + (1 - alpha) *
+    ref for every tensor the reference keeps (`ref_params` is not used afterwards: donate it)."""
+    policy = dict(nnx.to_flat_state(trainable))
+    return nnx.from_flat_state([
+        (p, jax.tree.map(lambda r, q: (r * (1.0 - alpha) + q.astype(r.dtype) * alpha).astype(r.dtype), v, policy[p]))
+        for p, v in nnx.to_flat_state(ref_params)])
+
+
 def reference_state(trainable: nnx.State, ref_params: nnx.State | None) -> nnx.State:
     """The policy's trainable state as the reference sees it: LoRA B zeroed, `ref_params` overlaid."""
     state = jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if _is_lora_b(p) else x, trainable)

@@ -1,0 +1,264 @@
+"""GRPO's loop on a tiny model over a 64-word vocabulary: it learns a verifiable reward, every rollout
+samples with the weights of the moment (one compile), a resumed run continues the same trajectory,
+and the reward functions, dataset transforms, eval, completion logs, zero-advantage skips and the
+reference sync behave as TRL and Axolotl define them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import save_tiny  # noqa: F401  (fixtures live in conftest)
+
+REWARDS = '''
+def w7(prompts, completions, completion_ids, **kwargs):
+    """The fraction of the completion's words that are w7."""
+    return [c.split().count("w7") / max(len(c.split()), 1) for c in completions]
+
+
+def constant(prompts, completions, completion_ids, **kwargs):
+    return [1.0] * len(completions)
+
+
+def with_answer(prompts, completions, completion_ids, answer, trainer_state, log_metric, **kwargs):
+    log_metric("answers_seen", float(len(answer)))
+    return [None if a == "skip" else float(a in c.split()) for c, a in zip(completions, answer)]
+
+
+def breaks_on_w9(prompts, completions, completion_ids, **kwargs):
+    return [1.0 / (0 if "w9" in c.split() else 1) for c in completions]
+
+
+def to_prompt(cfg, dataset_idx=0, **kwargs):
+    def transform(row, tokenizer=None):
+        assert tokenizer is not None
+        return {"prompt": row["question"], "answer": row["gold"]}
+    return transform, {"remove_columns": ["question"]}
+'''
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory holding the reward module (imported from there, as jaxtune does)."""
+    (tmp_path / "word_rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    sys.modules.pop("word_rewards", None)
+
+
+def _prompts(path: Path, n: int = 16, **extra) -> Path:
+    rows = [{"prompt": f"w{10 + i % 40} w{20 + i % 30} w{30 + i % 20}", **extra} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(workdir, model_dir, *, trl=None, **keys):
+    from jaxtune.config import build_config
+
+    return build_config({
+        "base_model": str(model_dir), "rl": "grpo", "datasets": [{"path": str(_prompts(workdir / "p.jsonl")),
+                                                                  "type": "prompt"}],
+        "sequence_len": 16, "micro_batch_size": 8, "max_steps": 30, "learning_rate": 3e-3, "lr_scheduler": "constant",
+        "bf16": False, "save_strategy": "no", "logging_steps": 1, "output_dir": str(workdir / "out"),
+        "dataset_prepared_path": str(workdir / "prep"),
+        "trl": {"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["word_rewards.w7"], **(trl or {})},
+        **keys})
+
+
+def _records(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trainer(cfg):
+    from jaxtune.build import build_model
+    from jaxtune.data.prepare import prepare
+    from jaxtune.objectives import objective_for
+    from jaxtune.peft.lora import trainable_filter
+    from jaxtune.trainer import Trainer
+
+    data = prepare(cfg)
+    model, spec, _ = build_model(cfg, data.tokenizer)
+    return Trainer(cfg, model, spec, objective_for(cfg, data), data, trainable_filter=trainable_filter(model, spec),
+                   output_dir=Path(cfg.output_dir))
+
+
+def test_tiny_model_learns_a_verifiable_reward(workdir, tiny_words_dir):
+    """Reward: the fraction of w7 in the completion (a random model emits it 1 time in 64). 30 steps of
+    GRPO (full fine-tuning) make it the model's habit."""
+    from jaxtune import train
+
+    train.run(_config(workdir, tiny_words_dir))
+    rewards = [r["reward"] for r in _records(workdir / "out") if "reward" in r]
+    assert len(rewards) == 30
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert first < 0.2 and last > first + 0.4, rewards
+
+
+def test_each_rollout_samples_with_the_updated_weights_and_nothing_recompiles(workdir, tiny_words_dir):
+    """The sampler gets the trainer's state of the moment (the step donates the old buffers): the
+    log-probs a rollout returns equal a teacher-forced forward under the weights after the previous
+    step, and neither the sampler nor the step compiles again."""
+    from flax import nnx
+
+    trainer = _trainer(_config(workdir, tiny_words_dir, micro_batch_size=4, gradient_accumulation_steps=2))  # 4 a row
+    objective = trainer.objective
+    for step in range(3):
+        batch, _ = trainer.rollouts.next_step(trainer.trainable, trainer.frozen, step=step, epoch=0.0, max_steps=30)
+        placed = trainer._place(batch)
+        micro = jax.tree.map(lambda x: x[0], placed)
+        logps, mask, _ = objective.token_logps(nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen), micro)
+        np.testing.assert_allclose(np.asarray(micro["old_logps"]) * np.asarray(mask), np.asarray(logps),
+                                   atol=1e-5, err_msg=f"rollout {step}")
+        record = trainer._run_step(batch)
+        assert record["grad_norm"] > 0
+    assert trainer.train_step.traces == 1
+    assert trainer.rollouts.sampler._cache_size() == 1
+
+
+def test_resumed_run_continues_the_same_trajectory(workdir, tiny_words_dir, monkeypatch):
+    """Checkpoints at rollout boundaries hold the rollout index (the key), the prompt loader and the
+    token count: a run resumed from step 4 samples, scores and trains what the uninterrupted one did."""
+    from safetensors.numpy import load_file
+
+    from jaxtune import train
+
+    cfg = _config(workdir, tiny_words_dir, max_steps=8, save_steps=4, save_strategy="steps")
+    train.run(cfg)
+    straight = _records(workdir / "out")
+    weights = load_file(str(workdir / "out" / "hf" / "model.safetensors"))
+    shutil.rmtree(workdir / "out" / "checkpoints" / "8")
+    shutil.rmtree(workdir / "out" / "hf")
+    from jaxtune.trainer import Trainer
+
+    restored = []
+    original = Trainer.restore
+    monkeypatch.setattr(Trainer, "restore", lambda self, source, step: restored.append(step) or original(
+        self, source, step))
+    train.run(cfg)
+    assert restored == [4]
+    resumed = _records(workdir / "out")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "reward", "num_tokens", "completions/mean_length", "grad_norm"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=f"{key} at step {a['step']}")
+    again = load_file(str(workdir / "out" / "hf" / "model.safetensors"))
+    for key in weights:
+        np.testing.assert_allclose(again[key], weights[key], atol=1e-6, err_msg=key)
+
+
+def test_zero_advantages_skip_the_step_eval_scores_held_out_prompts_and_completions_are_logged(
+        workdir, tiny_words_dir):
+    from jaxtune import train
+
+    cfg = _config(workdir, tiny_words_dir, max_steps=2, val_set_size=4, eval_steps=2,
+                  trl={"reward_funcs": ["word_rewards.constant"], "skip_zero_advantage_batches": True,
+                       "log_completions": True, "num_completions_to_print": 2})
+    result = train.run(cfg)
+    steps = [r for r in _records(workdir / "out") if "loss" in r]
+    assert all(r["skipped_zero_adv_batches"] == 1 and r["grad_norm"] == 0 and r["reward"] == 1.0 for r in steps)
+    assert result.last["eval_reward"] == 1.0 and result.last["eval_frac_reward_zero_std"] == 1.0
+    from safetensors.numpy import load_file
+
+    trained = load_file(str(workdir / "out" / "hf" / "model.safetensors"))
+    base = load_file(str(Path(tiny_words_dir) / "model.safetensors"))
+    assert all(np.array_equal(trained[k], base[k]) for k in base)  # skipped steps change nothing
+    logged = [json.loads(line) for line in (workdir / "out" / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 * 8 and {r["step"] for r in logged} == {1, 2}
+    assert set(logged[0]) >= {"prompt", "completion", "constant", "advantage"} and logged[0]["advantage"] == 0.0
+
+
+def test_reward_functions_get_trls_arguments_and_errors_name_the_row(workdir):
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.objectives.rewards import RewardFunctions, TrainerState
+
+    rewards = RewardFunctions.load(["word_rewards.with_answer", "word_rewards.constant"], [2.0, 1.0])
+    values, logged, _ = rewards(["w1 w2"] * 3, ["w5 w6", "w4", "w5"], [[5, 6], [4], [5]],
+                                {"answer": ["w5", "w5", "skip"]}, TrainerState(3, 0.5, 10))
+    np.testing.assert_array_equal(values[:, 0], [1.0, 0.0, np.nan])
+    assert logged["answers_seen"] == 3.0 and "timing/reward/with_answer" in logged
+    broken = RewardFunctions.load(["word_rewards.breaks_on_w9"], None)
+    with pytest.raises(JaxtuneError, match=r"'breaks_on_w9' .*raised on completion 1 .*'w9'.*ZeroDivisionError"):
+        broken(["p"] * 2, ["w5", "w9"], [[5], [9]], {}, TrainerState())
+    with pytest.raises(JaxtuneError, match="module 'nowhere' not found .*working directory"):
+        RewardFunctions.load(["nowhere.f"], None)
+    with pytest.raises(JaxtuneError, match="has no function 'missing'"):
+        RewardFunctions.load(["word_rewards.missing"], None)
+
+
+def test_prompts_tokenize_as_trl_and_axolotl_transforms_apply(workdir, tokenizer):
+    """Message-list prompts: the chat template with the generation prompt; string prompts: the text as
+    it is; both as TRL's GRPOTrainer tokenizes them. `type: module.fn` is Axolotl's row transform."""
+    import datasets
+    from trl import GRPOTrainer
+
+    from jaxtune.config import DatasetConfig
+    from jaxtune.data.formats import build_encoder, tokenizer_info
+
+    class TRL:  # the attributes GRPOTrainer._tokenize_prompts reads
+        processing_class, chat_template, tools, chat_template_kwargs = tokenizer, None, None, {}
+        environment_factories, _is_vlm = None, False
+
+    info = tokenizer_info(tokenizer)
+    encoder = build_encoder(DatasetConfig(path="x", type="prompt"), tok=info, top_template="tokenizer_default",
+                            top_jinja=None, train_on_inputs=False, sequence_len=64, rl="grpo")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    for prompt in (conversation, "Question: 2+2? Answer:"):
+        [row] = encoder({"prompt": prompt, "answer": "4"}, "row 0")
+        want, _, _ = GRPOTrainer._tokenize_prompts(TRL(), [prompt])
+        assert row["prompt_ids"] == list(want[0])
+        assert json.loads(row["prompt"]) == prompt and json.loads(row["columns"]) == {"answer": "4"}
+
+    transformed = build_encoder(DatasetConfig(path="x", type="word_rewards.to_prompt"), tok=info,
+                                top_template="tokenizer_default", top_jinja=None, train_on_inputs=False,
+                                sequence_len=64, rl="grpo")
+    [row] = transformed({"question": "Name a color.", "gold": "red", "id": 7}, "row 0")
+    assert json.loads(row["columns"]) == {"gold": "red", "id": 7, "answer": "red"}
+    assert row["prompt_ids"] == tokenizer("Name a color.")["input_ids"]
+    assert datasets  # (imported for GRPOTrainer's module)
+
+
+def test_sync_ref_model_mixes_the_reference_as_trl_does(workdir, tiny_words_dir):
+    """trl.sync_ref_model: every ref_model_sync_steps, ref <- alpha * policy + (1 - alpha) * ref
+    (TRL's SyncRefModelCallback, run here on the same tensors); the synced reference is checkpointed."""
+    import torch
+    from flax import nnx
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    cfg = _config(workdir, tiny_words_dir, trl={"beta": 0.04, "sync_ref_model": True, "ref_model_sync_steps": 1,
+                                               "ref_model_mixup_alpha": 0.6})
+    trainer = _trainer(cfg)
+    names = [k for k, _ in nnx.to_flat_state(trainer.ref_params)]
+
+    def tensors(state):
+        flat = dict(nnx.to_flat_state(state))
+        return torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(np.asarray(flat[k][...]))) for k in names])
+
+    theirs = tensors(trainer.ref_params)
+    for step in range(2):
+        batch, _ = trainer.rollouts.next_step(trainer.trainable, trainer.frozen, step=step, epoch=0.0, max_steps=30)
+        trainer._run_step(batch)
+        SyncRefModelCallback._sync_target_model(tensors(trainer.trainable), theirs, 0.6)
+    ours = tensors(trainer.ref_params)
+    moved = 0.0
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6, atol=1e-7)
+    for a, p in zip(ours, tensors(trainer.trainable)):
+        moved = max(moved, float((a - p).abs().max().detach()))
+    assert moved > 0  # the reference lags the policy: really mixed, not copied
+    assert "reference" in trainer._state_tree()
+
+
+def test_row_buckets_pad_little_and_cover_the_longest_row():
+    from jaxtune.rollout import row_buckets
+
+    for longest in (1, 64, 65, 584, 8300):
+        buckets = row_buckets(longest)
+        assert buckets == sorted(set(buckets)) and buckets[-1] >= longest and all(b % 64 == 0 for b in buckets)
+        for n in range(1, longest + 1, 7):  # the bucket a row of n tokens pads to
+            assert next(b for b in buckets if b >= n) <= 1.25 * n + 64
