@@ -161,7 +161,7 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     tensors and their gradients are live once more."""
     from jaxtune.build import resolve_attention, resolve_chunked_loss, resolve_remat
     from jaxtune.kernels.attention import OWN_VJP
-    from jaxtune.kernels.cross_entropy import CHUNK_ELEMENTS
+    from jaxtune.kernels.cross_entropy import chunk_elements
 
     from jaxtune.objectives import DATA_KINDS
 
@@ -187,7 +187,7 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     else:  # the float32 log-sum-exp per query and layer
         attn = micro_batch * local_heads * (seq / mesh_plan.sequence) * 4 * layers
     if resolve_chunked_loss(cfg):
-        loss = min(tokens * vocab, CHUNK_ELEMENTS) * 4 * 3
+        loss = min(tokens * vocab, chunk_elements()) * 4 * 3
     else:
         loss = tokens * vocab * 4 * 3  # logits, softmax and their gradient in float32
     return int(saved + working + attn + loss)

@@ -36,11 +36,11 @@ from jaxtune.kernels.attention import _PLATFORMS, IMPLEMENTATIONS, attention
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 
-def inputs(seq: int, packed: int, dtype):
+def inputs(seq: int, packed: int, dtype, *, heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
     keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (1, seq, HEADS, HEAD_DIM), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (1, seq, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (1, seq, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
+    q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (1, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (1, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
     bounds = np.linspace(0, seq, packed + 1).astype(int)
     seg = np.zeros((1, seq), np.int32)
     pos = np.zeros((1, seq), np.int32)

@@ -292,10 +292,11 @@ def worker_dots_jax(mode: str, args) -> dict:
             dot(a, b).block_until_ready()
             times.append(time.perf_counter() - t0)
         total += count * min(times)
-    return {"dots_s": total, "optimizer_s": optimizer_update_seconds(mode, args)}
+    return {"dots_s": total, "optimizer_s": optimizer_update_seconds(read_model_config(args.model), mode,
+                                                                     args.matmul_reps)}
 
 
-def optimizer_update_seconds(mode: str, args) -> float:
+def optimizer_update_seconds(config: dict, mode: str, reps: int) -> float:
     """Best time of the step's AdamW update (gradient clipping included) over as many fp32
     parameters as the mode trains (one flat array: the update is elementwise)."""
     import jax
@@ -304,7 +305,6 @@ def optimizer_update_seconds(mode: str, args) -> float:
     from jaxtune.config import build_config
     from jaxtune.optim import build_optimizer
 
-    config = read_model_config(args.model)
     d, layers, _, _, shapes = model_dims(config)
     if mode == "full":
         count = layers * (sum(i * o for i, o in shapes) + 2 * d) + d * config["vocab_size"] + d
@@ -324,7 +324,7 @@ def optimizer_update_seconds(mode: str, args) -> float:
 
     params, state = update(params, state, grads)
     times = []
-    for _ in range(args.matmul_reps):
+    for _ in range(reps):
         t0 = time.perf_counter()
         params, state = jax.block_until_ready(update(params, state, grads))
         times.append(time.perf_counter() - t0)

@@ -110,9 +110,11 @@ def test_default_chunk_size():
     assert default_chunk_size(V) == 2**16
     hlo = jax.jit(lambda h: linear_cross_entropy(h, head, targets, weights)).lower(hidden).as_text()
     assert f"{2**16}x" not in hlo
-    assert default_chunk_size(49152) == 256
-    assert default_chunk_size(151936) == 64
-    assert default_chunk_size(10**9) == 16
+    assert default_chunk_size(49152, "cpu") == 256
+    assert default_chunk_size(151936, "cpu") == 64
+    assert default_chunk_size(10**9, "cpu") == 16
+    assert default_chunk_size(128256, "gpu") == 1024  # accelerators take larger chunks (see CHUNK_ELEMENTS)
+    assert default_chunk_size(49152, "tpu") == 2048
 
 
 def test_next_token_targets_respect_segments_and_ignored_labels():

@@ -34,14 +34,23 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Elements of one chunk of float32 logits (tokens x vocab). 2**24 floats = 64 MiB: chunks of 341
-# tokens for a 49k vocabulary, 110 for 152k.
-CHUNK_ELEMENTS = 2**24
+# Elements of one chunk of float32 logits (tokens x vocab). On a CPU 2**24 floats = 64 MiB: chunks
+# of 256 tokens for a 49k vocabulary, 64 for 152k. A GPU or TPU gets 2**27 (512 MiB: 1024 tokens at
+# Llama 3's 128k): measured on an H200 (scripts/bench_gpu.py, Llama-3.2-1B shapes, 16k tokens), 128-token
+# chunks made the loss 3.4x slower than its matmuls alone, from small-M matmuls and from adding the
+# float32 head gradient ([V, D], 1 GiB) into its accumulator once per chunk.
+CHUNK_ELEMENTS = {"cpu": 2**24}
+ACCELERATOR_CHUNK_ELEMENTS = 2**27
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk: a power of two whose float32 logits stay within CHUNK_ELEMENTS (>= 16)."""
-    return max(16, 2 ** int(math.log2(max(1, CHUNK_ELEMENTS // vocab_size))))
+def chunk_elements(platform: str | None = None) -> int:
+    """The float32 logits one chunk may hold on `platform` (default: JAX's default backend)."""
+    return CHUNK_ELEMENTS.get(platform or jax.default_backend(), ACCELERATOR_CHUNK_ELEMENTS)
+
+
+def default_chunk_size(vocab_size: int, platform: str | None = None) -> int:
+    """Tokens per chunk: a power of two whose float32 logits stay within chunk_elements() (>= 16)."""
+    return max(16, 2 ** int(math.log2(max(1, chunk_elements(platform) // vocab_size))))
 
 
 def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
