@@ -36,12 +36,16 @@ def info_once(message: str) -> None:
         info(message)
 
 
+def warn(message: str) -> None:
+    _ensure_handler()
+    logger.warning(message)
+
+
 def warn_once(message: str) -> None:
     if message in _warned:
         return
     _warned.add(message)
-    _ensure_handler()
-    logger.warning(message)
+    warn(message)
 
 
 def keep_until(path, step: int) -> None:

@@ -32,7 +32,7 @@ from jaxtune.batch import Layout
 from jaxtune.checkpoint.resume import Checkpoints
 from jaxtune.data.loader import BatchLoader
 from jaxtune.errors import JaxtuneError
-from jaxtune.logging import MetricsWriter, Progress, info
+from jaxtune.logging import MetricsWriter, Progress, info, warn
 from jaxtune.objectives.reference import reference_model
 from jaxtune.optim import build_optimizer
 from jaxtune.parallel import mesh as M
@@ -421,7 +421,8 @@ class Trainer:
         steps = self._rollout_steps() if self.rollouts is not None else self._loader_steps()
         shares = 1 if self.loader is None else self.loader.shard_count  # rollouts give every host the whole batch
         last, saved_step, save_due = {}, self.checkpoints.latest(), False
-        interrupted = False
+        interrupted, above = False, 0  # above: steps in a row over loss_watchdog_threshold
+        threshold, patience = self.cfg.loss_watchdog_threshold, self.cfg.loss_watchdog_patience or 3
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while self.step < plan.total_steps:
@@ -444,6 +445,12 @@ class Trainer:
                         f"loss is {record['loss']} at step {self.step}; stopping. The last good checkpoint is "
                         + (str(self.checkpoints.directory / str(saved_step)) if saved_step is not None else "none")
                         + " (lower learning_rate or check the data of this step)")
+                above = above + 1 if threshold is not None and record["loss"] > threshold else 0
+                watchdog = above >= patience
+                if watchdog:
+                    warn(f"loss {record['loss']:.4g} above loss_watchdog_threshold {threshold:g} for {above} steps "
+                         f"in a row at step {self.step}: stopping training here (eval, checkpoint and export run as "
+                         "at the last step)")
                 self.position = position
                 ended = time.perf_counter()
                 elapsed, trained = ended - started, ended - fetched
@@ -457,11 +464,11 @@ class Trainer:
                           self.objective.unit: int(record["weight"]), **found, **extra}
                 if self.rollouts is not None:
                     record["timing/train"] = round(trained, 4)
-                if self.step % self.cfg.logging_steps == 0 or self.step == plan.total_steps:
+                final = self.step == plan.total_steps or watchdog
+                if self.step % self.cfg.logging_steps == 0 or final:
                     metrics.write(record)
                 progress.update(self.step, record)
                 last = record
-                final = self.step == plan.total_steps
                 if plan.eval_every and (self.step % plan.eval_every == 0 or final):
                     evaluated = self.evaluate()
                     metrics.write({"step": self.step, **evaluated, "epoch": record["epoch"]})
@@ -473,6 +480,8 @@ class Trainer:
                 if (save_due and (self.rollouts is None or self.rollouts.at_boundary)) or (final and plan.save_every):
                     self.save()  # GRPO: at a rollout's end (a save due inside one waits), and the last step's
                     saved_step, save_due = self.step, False
+                if watchdog:
+                    break
         except KeyboardInterrupt:
             interrupted = True
         finally:

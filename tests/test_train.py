@@ -163,6 +163,24 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_chat_dir, small_da
     assert not (tmp_path / "out" / "hf").exists()
 
 
+def test_loss_watchdog_stops_naming_the_step(tmp_path, tiny_chat_dir, small_data, monkeypatch):
+    """Axolotl's loss_watchdog_threshold / _patience: once the loss has stayed above the threshold for
+    `patience` steps in a row, training stops there and the run ends as at its last step (metrics,
+    checkpoint, export)."""
+    from jaxtune import train, trainer
+
+    said = []
+    monkeypatch.setattr(trainer, "warn", said.append)
+    train.run(_cfg(tmp_path, tiny_chat_dir, small_data, loss_watchdog_threshold=0.0, loss_watchdog_patience=2,
+                   max_steps=6, save_steps=None))
+    steps = [r["step"] for r in _records(tmp_path / "out") if "loss" in r]
+    assert steps == [1, 2]
+    assert len(said) == 1 and "above loss_watchdog_threshold 0 for 2 steps in a row at step 2" in said[0]
+    assert (tmp_path / "out" / "adapter").is_dir()
+    with pytest.raises(JaxtuneError, match="loss_watchdog_patience"):
+        _cfg(tmp_path, tiny_chat_dir, small_data, loss_watchdog_patience=0)
+
+
 def test_resume_false_refuses_existing_checkpoints(tmp_path):
     from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
 

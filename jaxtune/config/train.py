@@ -36,6 +36,12 @@ class TrainKeys(Section):
     lr_quadratic_warmup: bool = Field(False, description="Warm up quadratically instead of linearly.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     max_grad_norm: float | None = Field(1.0, ge=0, description="Clip gradients to this global norm (0: off).")
+    loss_watchdog_threshold: float | None = Field(None, description="Stop training (as at its last step: eval, "
+                                                  "checkpoint, export) once the loss stays above this for "
+                                                  "loss_watchdog_patience steps in a row (Axolotl: about twice the "
+                                                  "loss at the start).")
+    loss_watchdog_patience: int | None = Field(None, ge=1, description="Steps in a row above "
+                                               "loss_watchdog_threshold before stopping (default 3).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
