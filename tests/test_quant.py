@@ -1,4 +1,4 @@
-"""NF4 quantization (jaxtune.peft.quant): code book, error bounds, packing, double quant, layout."""
+"""NF4 quantization (jaxtune.kernels.nf4): code book, error bounds, packing, double quant, layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.peft.quant import (
+from jaxtune.kernels.nf4 import (
     DQ_BLOCK_SIZE,
     NF4_CODEBOOK,
     NF4Tensor,

@@ -35,7 +35,8 @@ Backends, each tested against `xla`:
 A backend the platform lacks runs `blockwise` instead, and says so once in the log.
 
 When the mesh in context splits the sequence (context parallelism), training attention runs as a
-ring over the devices (jaxtune.parallel.ring), each chunk pair with the blockwise kernel.
+ring over the devices (jaxtune.parallel.ring, registered here when jaxtune.parallel is imported), each
+chunk pair with the blockwise kernel.
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def positions_count_up(segment_ids: jax.Array, positions: jax.Array) -> jax.Arra
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return jnp.all((segment_ids == 0) | (positions == index - start))
+
+
+# The attention that runs when the mesh in context splits the sequence: kernels sit under the mesh layer,
+# so jaxtune.parallel registers its ring attention here rather than this module importing it.
+_SPLIT_SEQUENCE: list = []
+
+
+def register_split_sequence_attention(fn) -> None:
+    """`fn(q, k, v, **attention's keyword arguments)` runs attention when the mesh splits the sequence."""
+    _SPLIT_SEQUENCE[:] = [fn]
 
 
 def _sequence_ways() -> int:
@@ -166,11 +177,12 @@ def attention(
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                   kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
     if q_segment_ids is kv_segment_ids and _sequence_ways() > 1:  # the sequence is split over devices
-        from jaxtune.parallel.ring import ring_attention
-
+        if not _SPLIT_SEQUENCE:
+            raise JaxtuneError("the mesh in context splits the sequence, but no attention for a split sequence is "
+                               "registered: import jaxtune.parallel (it registers ring attention)")
         if implementation != "blockwise":
             info_once(f"attention: context parallelism runs ring attention with blockwise tiles (not {implementation!r})")
-        return ring_attention(q_btnh, k_bskh, v_bskh, **kwargs)
+        return _SPLIT_SEQUENCE[0](q_btnh, k_bskh, v_bskh, **kwargs)
     implementation = platform_backend(implementation)
     if implementation == "blockwise":
         from jaxtune.kernels.blockwise import blockwise_attention

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.kernels.nf4 import nf4_dequantize
+
 Axes = tuple[str | None, ...]
 
 
@@ -31,7 +33,7 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, stddev: float = 
 
 
 class QuantizedKernel(nnx.Variable):
-    """A frozen kernel stored quantized (its value is a `jaxtune.peft.quant.NF4Tensor`)."""
+    """A frozen kernel stored quantized (its value is a `jaxtune.kernels.nf4.NF4Tensor`)."""
 
 
 class Linear(nnx.Module):
@@ -71,8 +73,6 @@ class Linear(nnx.Module):
         """The frozen kernel as a dense array (dequantized when stored quantized)."""
         dtype = dtype or self.dtype
         if isinstance(self.kernel, QuantizedKernel):
-            from jaxtune.peft.quant import nf4_dequantize
-
             # Stored as HF's [out, in] (the blocks run along `in`, as in bitsandbytes).
             return jnp.swapaxes(nf4_dequantize(self.kernel.get_value(), dtype), -1, -2)
         return self.kernel[...].astype(dtype)
@@ -82,8 +82,6 @@ class Linear(nnx.Module):
         None), dequantized and with the LoRA update folded in (computed in float32, cast to `dtype`)."""
         pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
         if isinstance(self.kernel, QuantizedKernel):
-            from jaxtune.peft.quant import nf4_dequantize
-
             w = jnp.swapaxes(nf4_dequantize(jax.tree.map(pick, self.kernel.get_value()), jnp.float32), -1, -2)
         else:
             w = pick(self.kernel.get_value()).astype(jnp.float32)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxtune.kernels.attention import register_split_sequence_attention
 from jaxtune.kernels.blockwise import Tiles, _backward, _forward
 
 AXIS = "sequence"
@@ -126,3 +127,10 @@ def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_p
     return jax.shard_map(local, in_specs=(per_head, per_head, per_head, tokens, tokens, tokens, tokens, window_spec),
                          out_specs=per_head, check_vma=False)(
         q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, window)
+
+
+def _split_sequence_attention(*args, **kwargs):
+    return ring_attention(*args, **kwargs)  # the module's ring_attention at call time
+
+
+register_split_sequence_attention(_split_sequence_attention)

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxtune.models.layers import QuantizedKernel
 from jaxtune.peft.lora import LINEAR_PATHS, layer_linears
-from jaxtune.peft.quant import NF4Tensor, nf4_quantize
+from jaxtune.kernels.nf4 import NF4Tensor, nf4_quantize
 
 
 def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
