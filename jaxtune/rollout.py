@@ -170,29 +170,38 @@ class Rollouts:
         values = multihost_utils.broadcast_one_to_all(np.asarray(scored[0], np.float64))
         return np.asarray(values), scored[1], scored[2]
 
-    def _roll(self, trainable, frozen, state: TrainerState) -> dict:
-        g = self.shape.generations
+    def _sample_and_score(self, trainable, frozen, rows: list[dict], key, state: TrainerState) -> dict:
+        """One batch of prompt rows through sampling, decoding, the reward functions and advantages
+        (training's rollouts and eval alike); the pieces as a dict, with the sampling time."""
         started = time.perf_counter()
-        rows = self._prompts()
         prompt_ids = [list(r["prompt_ids"]) for r in rows]
-        out = self._sample(trainable, frozen, prompt_ids, jax.random.fold_in(self.key, self.index))
+        out = self._sample(trainable, frozen, prompt_ids, key)
         sampled = time.perf_counter()
         completion_ids = [out["tokens"][i, :out["lengths"][i]].tolist() for i in range(len(out["lengths"]))]
         prompts, completions, columns = self._decoded(rows, completion_ids)
         rewards, logged, extra = self._score(prompts, completions, completion_ids, columns, state)
-        advantages, _, is_std_zero = grpo_losses.advantages(rewards, self.rewards.weights, g,
+        advantages, _, is_std_zero = grpo_losses.advantages(rewards, self.rewards.weights, self.shape.generations,
                                                             scale_rewards=self.scale, aggregation=self.aggregation)
+        return {"prompt_ids": prompt_ids, "out": out, "completion_ids": completion_ids, "prompts": prompts,
+                "completions": completions, "rewards": rewards, "logged": logged, "extra": extra,
+                "advantages": advantages, "is_std_zero": is_std_zero, "sampling_s": sampled - started}
+
+    def _roll(self, trainable, frozen, state: TrainerState) -> dict:
+        rows = self._prompts()
+        started = time.perf_counter()
+        r = self._sample_and_score(trainable, frozen, rows, jax.random.fold_in(self.key, self.index), state)
         scored = time.perf_counter()
-        self.pending = self._steps(prompt_ids, completion_ids, out, advantages)
+        out = r["out"]
+        self.pending = self._steps(r["prompt_ids"], r["completion_ids"], out, r["advantages"])
         self.index += 1
         lengths = out["lengths"].astype(np.float64)
-        self.num_tokens += int(sum(len(p) for p in prompt_ids) * g + lengths.sum())
-        metrics = self._metrics(rewards, is_std_zero, lengths, out["finished"])
-        metrics.update(logged)
-        metrics.update({"num_tokens": float(self.num_tokens), "timing/rollout": sampled - started,
-                        "timing/reward": scored - sampled,
-                        "rollout_tokens_per_sec": float(lengths.sum()) / max(sampled - started, 1e-9)})
-        self._log(state.global_step + 1, prompts, completions, rewards, advantages, extra)
+        self.num_tokens += int(sum(len(p) for p in r["prompt_ids"]) * self.shape.generations + lengths.sum())
+        metrics = self._metrics(r["rewards"], r["is_std_zero"], lengths, out["finished"])
+        metrics.update(r["logged"])
+        metrics.update({"num_tokens": float(self.num_tokens), "timing/rollout": r["sampling_s"],
+                        "timing/reward": scored - started - r["sampling_s"],
+                        "rollout_tokens_per_sec": float(lengths.sum()) / max(r["sampling_s"], 1e-9)})
+        self._log(state.global_step + 1, r["prompts"], r["completions"], r["rewards"], r["advantages"], r["extra"])
         return metrics
 
     def _decoded(self, rows: list[dict], completion_ids: list[list[int]]):
@@ -291,7 +300,6 @@ class Rollouts:
     def evaluate(self, trainable, frozen, state: TrainerState) -> dict:
         """Mean reward (and TRL's other rollout metrics) over the held-out prompts, sampled with a fixed
         key so that evaluations along a run compare like with like."""
-        g = self.shape.generations
         loader = BatchLoader(self.eval_rows, batch_size=self.shape.prompts, sequence_len=self.cfg.sequence_len,
                              pad_id=self.pad_id, packed=False, pad_to_sequence_len=True, shuffle=False,
                              shard_index=0, shard_count=1, collate=_keep_rows)
@@ -299,17 +307,11 @@ class Rollouts:
         all_rewards, zero, lengths, finished = [], [], [], []
         for b, batch in enumerate(loader.iterate(num_epochs=1)):
             rows = [r for r in batch if r is not None]
-            prompt_ids = [list(r["prompt_ids"]) for r in rows]
-            out = self._sample(trainable, frozen, prompt_ids, jax.random.fold_in(key, b))
-            completion_ids = [out["tokens"][i, :out["lengths"][i]].tolist() for i in range(len(out["lengths"]))]
-            prompts, completions, columns = self._decoded(rows, completion_ids)
-            rewards, _, _ = self._score(prompts, completions, completion_ids, columns, state)
-            _, _, is_std_zero = grpo_losses.advantages(rewards, self.rewards.weights, g, scale_rewards=self.scale,
-                                                       aggregation=self.aggregation)
-            all_rewards.append(rewards)
-            zero.append(is_std_zero)
-            lengths.append(out["lengths"].astype(np.float64))
-            finished.append(out["finished"])
+            r = self._sample_and_score(trainable, frozen, rows, jax.random.fold_in(key, b), state)
+            all_rewards.append(r["rewards"])
+            zero.append(r["is_std_zero"])
+            lengths.append(r["out"]["lengths"].astype(np.float64))
+            finished.append(r["out"]["finished"])
         if not all_rewards:
             raise JaxtuneError("the eval set has no prompts")
         rewards = np.concatenate(all_rewards)
