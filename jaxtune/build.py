@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune import bundled
-from jaxtune.checkpoint.hf import load_model
+from jaxtune.checkpoint.hf import check_remote_code, load_model
 from jaxtune.errors import JaxtuneError
 from jaxtune.kernels.attention import IMPLEMENTATIONS, best_backend
 from jaxtune.logging import info, warn_once
@@ -59,6 +59,18 @@ def resolve_attention(cfg) -> str:
 
 def resolve_remat(cfg) -> str:
     value = cfg.gradient_checkpointing
+    if cfg.activation_offloading:
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" in kinds:
+            if cfg.activation_offloading == "disk":
+                warn_once("activation_offloading: disk -> activations are offloaded to host memory, not to disk")
+            if value not in (None, False, "none"):
+                warn_once(f"activation_offloading replaces gradient_checkpointing: {value} (activations saved for "
+                          "the backward go to host memory instead of being recomputed)")
+            return "offload"
+        warn_once(f"activation_offloading has no effect on {jax.default_backend()}: its devices have no pinned host "
+                  f"memory; using gradient_checkpointing (full remat) for the same saving")
+        return "full"
     if value is True:
         return "full"
     return value or "none"
@@ -78,6 +90,7 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None
     if not cfg.base_model:
         raise JaxtuneError("base_model is not set")
     path = bundled.resolve(cfg.base_model)
+    check_remote_code(path, cfg.trust_remote_code)
     precision = resolve_precision(cfg)
     if cfg.adapter == "qlora":
         from jaxtune.peft.qlora import quantizing_place

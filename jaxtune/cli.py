@@ -105,10 +105,67 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from jaxtune.config import dump_config, load_config
+_HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".gz", ".zst")
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+
+def _check_sources(cfg) -> list[str]:
+    """Lines about where base_model and the datasets come from; an error for a path that exists nowhere."""
+    import re
+    from pathlib import Path
+
+    from jaxtune import bundled
+    from jaxtune.checkpoint.hf import check_remote_code, read_hf_config
+    from jaxtune.errors import JaxtuneError
+
+    lines = []
+    model = str(cfg.base_model or "")
+    if not model:
+        raise JaxtuneError("base_model is not set")
+    if model.startswith(bundled.PREFIX):
+        lines.append(f"base_model: {model} (the bundled model, prepared on first use)")
+    elif Path(model).is_dir():
+        _, architecture = read_hf_config(model)  # names a missing config.json or an unsupported architecture
+        check_remote_code(model, cfg.trust_remote_code)
+        lines.append(f"base_model: {model} ({architecture})")
+    elif re.fullmatch(_HUB_ID, model):
+        lines.append(f"base_model: {model} is a Hugging Face hub id, not a local directory: jaxtune downloads nothing "
+                     f"at run time; fetch it first (hf download {model} --local-dir DIR) and point base_model at DIR")
+    else:
+        raise JaxtuneError(f"base_model {model}: no such directory, and not a hub id (org/name) either")
+    for group in ("datasets", "test_datasets"):
+        for i, entry in enumerate(getattr(cfg, group) or []):
+            path = entry.path
+            if "://" in path or Path(path).exists():
+                continue
+            if re.fullmatch(_HUB_ID, path) and Path(path).suffix not in _DATA_SUFFIXES:
+                lines.append(f"{group}[{i}].path: {path} is read with datasets.load_dataset (a hub dataset)")
+            else:
+                raise JaxtuneError(f"{group}[{i}].path {path}: no such file or directory (looked in the working "
+                                   f"directory and the config's), and not a hub id")
+    return lines
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from jaxtune.config import dump_config, load_config, parse_override
+    from jaxtune.config.keys import config_report
+
+    cfg = load_config(args.config, args.overrides)
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    for item in args.overrides or []:
+        keys, value = parse_override(item)
+        if len(keys) == 1:
+            raw[keys[0]] = value
+    print(dump_config(cfg), end="")
+    notes = config_report(raw) + _check_sources(cfg)
+    if notes:
+        print("# keys not taken as they are, and sources:")
+        for line in notes:
+            print(f"#   {line}")
     return 0
 
 
@@ -195,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine's)")
     p.set_defaults(func=_plan)
 
-    p = verbs.add_parser("validate", help="print the resolved config, or its errors")
+    p = verbs.add_parser("validate", help="print the resolved config and each key that was mapped or has no "
+                         "effect, or the config's errors; check that base_model and the datasets exist")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_validate)

@@ -70,21 +70,65 @@ def keep_until(path, step: int) -> None:
     tmp.replace(path)
 
 
+def _start_wandb(wandb, settings: dict, config: dict | None):
+    run = wandb.init(config=config, resume="allow", **settings)
+    return run.log, run.finish
+
+
+def _start_trackio(trackio, settings: dict, config: dict | None):
+    trackio.init(config=config, resume="allow", **settings)
+    return trackio.log, trackio.finish
+
+
+def _start_swanlab(swanlab, settings: dict, config: dict | None):
+    import os
+
+    settings = dict(settings)
+    for key in ("api_key", "api_host", "web_host"):  # read from the environment by every swanlab version
+        value = settings.pop(key, None)
+        if value:
+            os.environ[f"SWANLAB_{key.upper()}"] = value
+    if settings.get("mode", "cloud") == "cloud" and not os.environ.get("SWANLAB_API_KEY"):
+        warn_once("SwanLab cloud mode with no API key: unless `swanlab login` was run, swanlab may ask for one "
+                  "or fail (set SWANLAB_API_KEY, or swanlab_mode: local)")
+    webhook, secret = settings.pop("lark_webhook_url", None), settings.pop("lark_secret", None)
+    if webhook:
+        try:
+            from swanlab.plugin.notification import LarkCallback
+        except ImportError:
+            warn_once("swanlab_lark_webhook_url is set but this swanlab has no Lark notifications (swanlab.plugin)")
+        else:
+            settings["callbacks"] = [LarkCallback(webhook_url=webhook, secret=secret)]
+    swanlab.init(config=config, **settings)
+    return swanlab.log, swanlab.finish
+
+
+# tracker (its package) -> (its name for people, how it starts: returns its log and finish functions)
+TRACKERS = {"wandb": ("W&B", _start_wandb), "trackio": ("Trackio", _start_trackio),
+            "swanlab": ("SwanLab", _start_swanlab)}
+
+
 class MetricsWriter:
-    """output_dir/metrics.jsonl (one JSON object per record), plus TensorBoard and W&B when enabled.
+    """output_dir/metrics.jsonl (one JSON object per record), plus TensorBoard and the experiment
+    trackers (W&B, Trackio, SwanLab) when enabled: each is given the run's config at the start, every
+    record's scalars at its step, and is finished at the end. A tracker that is not installed (or
+    fails to start) is one warning, never a crash.
 
     On resume, records past the resumed step are dropped first, so the file describes exactly the
     trajectory that continues.
     """
 
     def __init__(self, output_dir, *, resume_step: int = 0, tensorboard: bool = False, wandb_config=None,
-                 run_config: dict | None = None, primary: bool = True):
-        """`primary`: False on every process but 0 of a multi-host run (they write nothing)."""
+                 trackers: dict[str, dict] | None = None, run_config: dict | None = None, primary: bool = True):
+        """`trackers`: tracker name -> its settings (`config.trackers.tracker_settings`); `wandb_config`
+        is the W&B entry alone. `primary`: False on every process but 0 of a multi-host run (they write
+        nothing)."""
         import json
         from pathlib import Path
 
         self._json = json
-        self._file = self._tb = self._wandb = None
+        self._file = self._tb = None
+        self._trackers: list = []  # (name, log, finish)
         if not primary:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -95,13 +139,32 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(output_dir) / "events"))
+        trackers = dict(trackers or {})
         if wandb_config and wandb_config.get("project"):
-            try:
-                import wandb
-            except ImportError:
-                warn_once("wandb_project is set but wandb is not installed: metrics go to metrics.jsonl only")
-            else:
-                self._wandb = wandb.init(config=run_config, resume="allow", **wandb_config)
+            trackers.setdefault("wandb", wandb_config)
+        for name, settings in trackers.items():
+            self._start(name, settings, run_config)
+
+    def _start(self, name: str, settings: dict, run_config: dict | None) -> None:
+        import importlib
+
+        label, start = TRACKERS[name]
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            warn_once(f"{label} logging is configured but {name} is not installed: metrics go to metrics.jsonl "
+                      "(and the other trackers) only")
+            return
+        except Exception as exc:  # installed but broken
+            warn_once(f"{name} could not be imported ({type(exc).__name__}: {exc}): no {label} logging")
+            return
+        try:
+            log, finish = start(module, settings, run_config)
+        except Exception as exc:  # a dashboard out of reach must not stop training
+            warn_once(f"{label} could not start ({type(exc).__name__}: {exc}): metrics go to metrics.jsonl "
+                      "(and the other trackers) only")
+            return
+        self._trackers.append((name, log, finish))
 
     def write(self, record: dict) -> None:
         if self._file is None:
@@ -114,16 +177,17 @@ class MetricsWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+        for _, log, _ in self._trackers:
+            log(scalars, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for _, _, finish in self._trackers:
+            finish()
+        self._trackers = []
 
 
 # Objective metrics the progress bar and log lines show when a step has them (TRL's names).

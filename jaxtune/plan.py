@@ -67,6 +67,7 @@ class MemoryPlan:
     micro_batch_size: int
     device_memory: int | None
     max_micro_batch: int | None  # the largest that fits device_memory (None: unknown / none asked)
+    optimizer_note: str = ""  # what the optimizer's state holds, when it is not plain 32-bit
 
     @property
     def total(self) -> int:
@@ -76,7 +77,8 @@ class MemoryPlan:
         lines = [f"{self.mesh.describe()} ({self.mesh.devices} devices, {self.platform}); per device:",
                  f"  parameters      {_gib(self.params)}   (trained: {_gib(self.trainable).strip()})",
                  f"  gradients       {_gib(self.gradients)}",
-                 f"  optimizer state {_gib(self.optimizer)}",
+                 f"  optimizer state {_gib(self.optimizer)}" + (f"   ({self.optimizer_note})" if self.optimizer_note
+                                                                 else ""),
                  *([f"  reference model {_gib(self.reference)}   (frozen copy of the starting weights)"]
                    if self.reference else []),
                  f"  activations     {_gib(self.activations)}   (micro_batch_size {self.micro_batch_size})",
@@ -99,6 +101,7 @@ def _abstract_state(cfg):
     from jaxtune.checkpoint.hf import load_model_config
     from jaxtune.models import family_for
     from jaxtune.peft import lora
+    from jaxtune.peft.unfrozen import trained_parameters
 
     path = bundled.resolve(cfg.base_model)
     mcfg = load_model_config(path)
@@ -115,7 +118,7 @@ def _abstract_state(cfg):
         return model
 
     model = nnx.eval_shape(build)
-    _, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
+    _, trainable, frozen = nnx.split(model, trained_parameters(cfg, model, spec)[0], ...)
     return frozen, trainable, mcfg, precision
 
 
@@ -199,7 +202,7 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
     `abstract`: `_abstract_state(cfg)` when the caller has it (it does not depend on the mesh)."""
     from jax.sharding import AbstractMesh
 
-    from jaxtune.optim import build_optimizer
+    from jaxtune.optim import build_optimizer, full_precision_counterpart
     from jaxtune.parallel.mesh import AXES, plan_for
 
     platform = platform or jax.default_backend()
@@ -210,15 +213,23 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
     params_frozen = _state_bytes(frozen, mesh, exclude, nf4=cfg.adapter == "qlora")
     params_trained = _state_bytes(trainable, mesh, exclude)
     gradients = _state_bytes(trainable, mesh)  # sharded like the optimizer state at every stage
-    optimizer, _ = build_optimizer(cfg, 1000)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_bytes = 0
-    moments = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt_state))
     trained_total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(trainable))
-    if trained_total:  # the state shards as the trained parameters do (fully, at every stage)
-        opt_bytes = int(moments * gradients / trained_total)
-    if mesh_plan.offload_optimizer:
-        opt_bytes = 0  # in host memory
+
+    def state_bytes(config) -> int:
+        if mesh_plan.offload_optimizer or not trained_total:
+            return 0  # in host memory / nothing trained
+        optimizer, _ = build_optimizer(config, 1000)
+        opt_state = jax.eval_shape(optimizer.init, trainable)
+        moments = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt_state))
+        return int(moments * gradients / trained_total)  # the state shards as the trained parameters do
+
+    opt_bytes = state_bytes(cfg)
+    wide = full_precision_counterpart(cfg.optimizer)
+    note = ""
+    if wide and opt_bytes:
+        wide_bytes = state_bytes(cfg.model_copy(update={"optimizer": wide}))
+        note = (f"8-bit blockwise moments; {wide}'s 32-bit ones would take {_gib(wide_bytes).strip()}: "
+                f"{_gib(wide_bytes - opt_bytes).strip()} saved")
     compute_bytes = np.dtype(precision.compute).itemsize
 
     def activations(mb):
@@ -236,7 +247,7 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
         best = mb or None
     return MemoryPlan(mesh_plan, platform, params_frozen + params_trained, params_trained, gradients, opt_bytes,
                       reference, activations(cfg.micro_batch_size), runtime, cfg.micro_batch_size, device_memory,
-                      best)
+                      best, note)
 
 
 def _reference_bytes(cfg, trainable, mesh, exclude) -> int:

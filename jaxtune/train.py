@@ -56,9 +56,10 @@ def run(cfg: Config) -> TrainResult:
 
     from jaxtune import bundled
     from jaxtune.build import build_model
+    from jaxtune.config.trackers import run_config, tracker_settings
     from jaxtune.logging import MetricsWriter
     from jaxtune.objectives import objective_for
-    from jaxtune.peft.lora import trainable_filter
+    from jaxtune.peft.unfrozen import trained_parameters
     from jaxtune.trainer import Trainer
 
     from jaxtune.parallel.distributed import initialize
@@ -73,7 +74,8 @@ def run(cfg: Config) -> TrainResult:
     mesh_plan = plan_for(cfg)
     objective = objective_for(cfg, data, ranks=mesh_plan.batch_ranks)
     model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
-    trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trainable_filter(model, spec),
+    trains, masks = trained_parameters(cfg, model, spec)
+    trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trains, update_masks=masks,
                       output_dir=output_dir, mesh_plan=mesh_plan)
     plan = trainer.plan
     trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
@@ -99,10 +101,8 @@ def run(cfg: Config) -> TrainResult:
     resume = _resume_point(cfg, trainer)
     if resume is not None:
         trainer.restore(*resume)
-    wandb = {k: v for k, v in {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": cfg.wandb_name,
-                              "id": cfg.wandb_run_id, "mode": cfg.wandb_mode}.items() if v is not None}
     metrics = MetricsWriter(output_dir, resume_step=trainer.step, tensorboard=cfg.use_tensorboard,
-                            wandb_config=wandb, run_config=cfg.model_dump(mode="json"),
+                            trackers=tracker_settings(cfg), run_config=run_config(cfg),
                             primary=jax.process_index() == 0)
     try:
         last = trainer.train(metrics)
@@ -143,7 +143,7 @@ def export_run(cfg: Config, checkpoint: str | None = None) -> dict[str, Path]:
     from jaxtune.checkpoint.resume import Checkpoints, resolve_resume
     from jaxtune.data.prepare import load_tokenizer_for
     from jaxtune.errors import JaxtuneError
-    from jaxtune.peft.lora import trainable_filter
+    from jaxtune.peft.unfrozen import trained_parameters
 
     output_dir = Path(cfg.output_dir)
     tokenizer, _ = load_tokenizer_for(cfg)
@@ -151,7 +151,7 @@ def export_run(cfg: Config, checkpoint: str | None = None) -> dict[str, Path]:
     point = resolve_resume(checkpoint or None, Checkpoints(output_dir / "checkpoints"))
     if point is not None:
         source, step = point
-        _, trainable, _ = nnx.split(model, trainable_filter(model, spec), ...)
+        _, trainable, _ = nnx.split(model, trained_parameters(cfg, model, spec)[0], ...)
         items, _ = source.restore(step, {"params": nnx.to_pure_dict(trainable)})
         nnx.replace_by_pure_dict(trainable, items["params"])
         nnx.update(model, trainable)

@@ -59,7 +59,7 @@ class Plan:
 
 def _interval(every: float | None, per_epoch: int | None, strategy: str | None, steps_per_epoch: int,
               total: int) -> int | None:
-    if strategy == "no":
+    if strategy == "no" or (per_epoch == 0 and every is None):
         return None
     if every is not None and strategy != "epoch":
         return max(1, round(every * total)) if every < 1 else int(every)
@@ -187,7 +187,7 @@ class Trainer:
     """Runs one config's training from prepared data and a built model; see `jaxtune.train.run`."""
 
     def __init__(self, cfg, model, spec, objective, data, *, trainable_filter, output_dir: Path,
-                 mesh_plan: M.MeshPlan | None = None):
+                 mesh_plan: M.MeshPlan | None = None, update_masks=None):
         self.cfg, self.model, self.spec, self.objective, self.data = cfg, model, spec, objective, data
         self.output_dir = output_dir
         self.accum = cfg.gradient_accumulation_steps
@@ -219,7 +219,7 @@ class Trainer:
                     pad_to_sequence_len=pad_to_len, shuffle=False, shard_index=share, shard_count=shares,
                     collate=objective.collate)
             self.plan = make_plan(cfg, self.loader.batches_per_epoch, self.eval_loader is not None)
-        self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps)
+        self.optimizer, self.schedule = build_optimizer(cfg, self.plan.total_steps, update_masks)
         placed = M.place_training_state(self.mesh_plan, self.mesh, trainable, frozen, self.optimizer)
         self.trainable, self.frozen, self.opt_state = placed.trainable, placed.frozen, placed.opt_state
         nnx.update(model, self.trainable, self.frozen)  # the model holds the placed arrays, not a second copy

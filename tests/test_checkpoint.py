@@ -190,3 +190,22 @@ def test_loading_adopts_host_buffers_without_a_copy(tmp_path):
 
     load_model(src, place=place)
     assert hosts and all(hosts.values())
+
+
+def test_trust_remote_code_never_runs_repository_code(tmp_path, monkeypatch):
+    """trust_remote_code: true with a checkpoint that ships code (config.json auto_map) is an error naming
+    the file that would run; without shipped code it has no effect (one warning); false or unset: nothing."""
+    import jaxtune.checkpoint.hf as hf
+
+    src = save_tiny(tmp_path, LlamaConfig(**TINY), "remote")
+    said = []
+    monkeypatch.setattr(hf, "warn_once", said.append)
+    hf.check_remote_code(src, True)
+    assert len(said) == 1 and "no effect" in said[0]
+    hf.check_remote_code(src, False)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "org/repo--modeling_mine.MyLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"would run configuration_mine.py, modeling_mine.py from .*remote"):
+        hf.check_remote_code(src, True)
+    hf.check_remote_code(src, None)

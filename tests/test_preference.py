@@ -524,7 +524,7 @@ def test_rl_keys_resolve_as_axolotl_and_trl_do(monkeypatch):
     ({"rl": "grpo"}, "rl: grpo needs trl.reward_funcs"),
     ({"rl": "dpo", "trl": {"num_generations": 4}}, "trl.num_generations applies to rl: grpo"),
     ({"rl": "grpo", "trl": {"reward_funcs": ["r.f"], "loss_type": "sapo"}}, "trl.loss_type sapo is not supported"),
-    ({"rl": "grpo", "trl": {"reward_funcs": ["r.f"], "entropy_coef": 0.01}}, "trl.entropy_coef: the entropy bonus"),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["r.f"], "entropy_coef": 0.01}}, "'trl.entropy_coef' is not supported: the entropy bonus"),
     ({"rl": "grpo", "trl": {"reward_funcs": ["r.f", "r.g"], "reward_weights": [1.0]}},
      "reward_weights has 1 entries for 2 reward functions"),
     ({"rl": "gdpo", "trl": {"reward_funcs": ["r.f"], "multi_objective_aggregation": "sum_then_normalize"}},

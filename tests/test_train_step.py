@@ -209,7 +209,8 @@ def test_sft_loss_formula_and_segment_boundaries(tiny_dir, chunked):
 
 
 @pytest.mark.parametrize("attn,remat", [("blockwise", "none"), ("blockwise", "full"), ("pallas", "none"),
-                                        ("xla", "dots"), ("xla", "full")])
+                                        ("xla", "dots"), ("xla", "full"), ("xla", "offload"),
+                                        ("blockwise", "offload")])
 def test_attention_backends_and_remat_train_like_the_reference(tiny_dir, attn, remat, monkeypatch):
     """Three LoRA steps on packed rows with each attention backend (the Pallas kernel interpreted off
     GPU) and remat policy give the reference's (xla attention, default policy) losses and adapters."""
@@ -320,3 +321,31 @@ def test_blockwise_step_memory_grows_linearly_with_length(tmp_path, remat, monke
         return jax.jit(jax.grad(loss)).lower(trainable).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(4096) <= 2.5 * temp_bytes(2048)
+
+
+def test_activation_offloading_keeps_saved_activations_in_host_memory(tiny_dir, monkeypatch):
+    """Axolotl's activation_offloading picks the offload remat policy where devices have pinned host memory
+    (the CPU backend has it too): the backward's saved activations are put in host memory (above: it
+    trains like the reference). Devices without host memory fall back to full remat, with a warning."""
+    import jaxtune.build as build
+
+    cfg = build_config({"base_model": str(tiny_dir), "datasets": [{"path": "x.jsonl", "type": "completion"}],
+                        "activation_offloading": True})
+    assert build.resolve_remat(cfg) == "offload"
+    ids = jnp.asarray(_batch(0)["input_ids"])
+
+    def grad_jaxpr(remat):
+        model = load_model(tiny_dir, remat=remat)
+        graphdef, params = nnx.split(model)
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden_states(ids))))(params))
+
+    assert "MemorySpace.Host" in grad_jaxpr("offload") and "MemorySpace.Host" not in grad_jaxpr("none")
+
+    class NoHost:
+        def addressable_memories(self):
+            return [type("M", (), {"kind": "device"})()]
+
+    said = []
+    monkeypatch.setattr(build.jax, "devices", lambda: [NoHost()])
+    monkeypatch.setattr(build, "warn_once", said.append)
+    assert build.resolve_remat(cfg) == "full" and "no pinned host memory" in said[0]

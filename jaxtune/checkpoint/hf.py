@@ -32,6 +32,7 @@ from jaxtune.checkpoint.io import (
     write_safetensors,
 )
 from jaxtune.errors import ModelLoadError
+from jaxtune.logging import warn_once
 from jaxtune.models import family_for
 from jaxtune.parallel.mesh import to_host
 
@@ -72,6 +73,25 @@ def read_hf_config(path: str | os.PathLike) -> tuple[dict, str]:
         raise ModelLoadError(f"{config_path} names no architectures")
     family_for(archs[0])  # raises with the supported list
     return raw, archs[0]
+
+
+def check_remote_code(path: str | os.PathLike, trust: bool | None) -> None:
+    """`trust_remote_code: true` asks transformers to run Python shipped with the checkpoint. jaxtune has
+    its own implementation of each architecture and never executes repository code: where the
+    checkpoint ships such code (config.json's `auto_map`), that is an error naming the file that would
+    run; where it ships none, the key has no effect (one warning)."""
+    if not trust:
+        return
+    config_path = Path(path) / "config.json"
+    auto_map = read_json_file(config_path, "config.json").get("auto_map") or {} if config_path.exists() else {}
+    refs = [ref for ref in auto_map.values() for ref in (ref if isinstance(ref, list) else [ref]) if ref]
+    if refs:
+        files = sorted({f"{ref.split('--')[-1].split('.')[0]}.py" for ref in refs})
+        raise ModelLoadError(f"trust_remote_code: true would run {', '.join(files)} from {Path(path)} ({config_path} "
+                             f"auto_map); jaxtune never executes repository code. Set trust_remote_code: false: the "
+                             f"model loads with jaxtune's own implementation of its architecture when it has one")
+    warn_once(f"trust_remote_code: true has no effect: {config_path} ships no code (no auto_map), and jaxtune "
+              "never executes repository code")
 
 
 def load_model_config(path: str | os.PathLike):

@@ -28,6 +28,7 @@ from jaxtune.config.base import (
     NOT_SUPPORTED_KEYS,
     ConfigError,
     Section,
+    map_axolotl_keys,
     rewrite_deprecated,
     warn_no_effect,
 )
@@ -60,7 +61,7 @@ class Config(ModelKeys, DataKeys, TrainKeys, ParallelKeys, RLKeys):
     def _deprecated(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = warn_no_effect(rewrite_deprecated(data, "top"))
+        data = warn_no_effect(map_axolotl_keys(rewrite_deprecated(data, "top")), "top", cls.model_fields)
         fsdp_config = data.get("fsdp_config") or {}
         checkpointing = fsdp_config.get("activation_checkpointing", fsdp_config.get("fsdp_activation_checkpointing"))
         if checkpointing and data.get("gradient_checkpointing") is None:

@@ -1,19 +1,25 @@
-"""What every config section shares: the strict base model and the tables of renamed, ineffective
-and unsupported keys (one place for each, so the rules are read in one file).
+"""What every config section shares: the strict base model and the status of every Axolotl key that is
+not a jaxtune field (Axolotl's keys: `axolotl_keys.json`, read from its schema by
+scripts/gen_axolotl_keys.py; their status and reasons: `key_status.yaml`).
 
 - `DEPRECATED_KEYS`: an old Axolotl name -> its current name (and how the value maps); the value is
-  moved and one warning is printed.
-- `NO_EFFECT_KEYS`: keys that change nothing on JAX; accepted with one warning naming the reason.
-- `NOT_SUPPORTED_KEYS`: keys whose feature jaxtune does not have (yet); setting them to anything
-  but their off value is an error that says so, never a silent no-op.
+  moved and one warning is printed. `map_axolotl_keys`: Axolotl keys with a jaxtune equivalent
+  (batch_size, cut_cross_entropy, float32, plugins), rewritten with one warning.
+- `NO_EFFECT`: keys that change nothing on JAX; accepted with one warning naming the reason.
+- `NOT_SUPPORTED`: keys whose feature jaxtune does not have (yet); setting them to anything but their
+  off value is an error that says so, never a silent no-op.
+- keys of Axolotl's plugins follow their plugin's status (`PLUGIN_MODULES`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import warn_once
@@ -25,6 +31,17 @@ class ConfigError(JaxtuneError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """A key written with no value (`lora_r:`) is unset, as in Axolotl's schema where every key is
+        optional: it takes its default."""
+        if value is None and info.field_name in cls.model_fields:
+            field = cls.model_fields[info.field_name]
+            if not field.is_required():
+                return field.get_default(call_default_factory=True)
+        return value
 
 
 def _attn(value: Any, name: str) -> str | None:
@@ -41,6 +58,7 @@ DEPRECATED_KEYS: dict[str, dict[str, str | tuple[str, Callable[[Any], Any]]]] = 
         "eager_attention": ("attn_implementation", lambda v: _attn(v, "eager")),
         "sequence_parallel_degree": "context_parallel_size",
         "dpo_beta": "rl_beta",
+        "evaluation_strategy": "eval_strategy",
     },
     "dataset": {
         "train_on_split": "split",
@@ -50,98 +68,110 @@ DEPRECATED_KEYS: dict[str, dict[str, str | tuple[str, Callable[[Any], Any]]]] = 
     },
 }
 
-_ATTN = "jaxtune chooses the attention kernel with attn_implementation"
-# Keys Axolotl has that change nothing here, with the reason printed in their one warning.
-NO_EFFECT_KEYS: dict[str, str] = {
-    "sample_packing_group_size": "jaxtune packs the whole dataset at once with first-fit-decreasing",
-    "sample_packing_bin_size": "jaxtune packs the whole dataset at once with first-fit-decreasing",
-    "sample_packing_eff_est": "packing efficiency is measured at preprocessing and printed",
-    "total_num_tokens": "token counts are measured at preprocessing",
-    "tokenizer_type": "tokenizers are always loaded with transformers' AutoTokenizer",
-    "tokenizer_use_fast": "jaxtune always uses the fast (Rust) tokenizer",
-    "tokenizer_legacy": "jaxtune always uses the tokenizer as saved",
-    "is_llama_derived_model": "the architecture is read from config.json",
-    "is_mistral_derived_model": "the architecture is read from config.json",
-    "is_qwen_derived_model": "the architecture is read from config.json",
-    "is_falcon_derived_model": "the architecture is read from config.json",
-    "model_type": "the model class is read from config.json",
-    "tf32": "TF32 is a CUDA matmul mode; XLA chooses matmul precision itself",
-    "vllm": "GRPO rollouts use jaxtune's own sampler on the training mesh, with the parameters being trained (no "
-            "vLLM server, no weight sync)",
-    "torch_compile": "JAX always compiles the step with XLA",
-    "torch_compile_backend": "JAX always compiles the step with XLA",
-    "dataloader_num_workers": "the grain loader reads prepared rows in-process",
-    "dataloader_pin_memory": "the grain loader reads prepared rows in-process",
-    "dataloader_prefetch_factor": "the grain loader reads prepared rows in-process",
-    "dataloader_drop_last": "jaxtune never drops rows: the last batch is filled with padding rows",
-    "device_map": "placement follows the device mesh",
-    "max_memory": "placement follows the device mesh (`jaxtune plan` tells what fits)",
-    "gpu_memory_limit": "placement follows the device mesh",
-    "lora_on_cpu": "placement follows the device mesh",
-    "bnb_config_kwargs": "jaxtune's NF4 is configured by bnb_4bit_use_double_quant / bnb_4bit_compute_dtype",
-    "llm_int8_has_fp16_weight": "bitsandbytes tuning; jaxtune's quantization is its own",
-    "gradient_checkpointing_kwargs": "gradient_checkpointing picks the remat policy",
-    "ddp_timeout": "torch.distributed setting",
-    "ddp_bucket_cap_mb": "torch.distributed setting",
-    "ddp_broadcast_buffers": "torch.distributed setting",
-    "ddp_find_unused_parameters": "torch.distributed setting",
-    "strict": "jaxtune's configs are always strict (unknown keys are errors)",
-    "flash_attn_cross_entropy": _ATTN,
-    "flash_attn_rms_norm": "XLA fuses RMSNorm itself",
-    "flash_attn_fuse_qkv": "XLA fuses the projections itself",
-    "flash_attn_fuse_mlp": "XLA fuses the projections itself",
-    "lora_mlp_kernel": "XLA fuses the LoRA matmuls itself",
-    "lora_qkv_kernel": "XLA fuses the LoRA matmuls itself",
-    "lora_o_kernel": "XLA fuses the LoRA matmuls itself",
-    "use_liger_kernel": "Liger is a set of Triton kernels; XLA fuses these operations itself, and the fused linear "
-                        "cross-entropy is jaxtune's chunked_cross_entropy (on by default)",
-    "wandb_watch": "gradient histograms are not logged",
-    "wandb_log_model": "the model is written to output_dir, not uploaded",
-    "do_eval": "evaluation runs whenever there is an eval set (val_set_size / test_datasets)",
-    "save_safetensors": "exports are always safetensors",
-    "eval_table_size": "prediction tables are not logged",
-    "eval_max_new_tokens": "prediction tables are not logged",
-    "dpo_use_liger_kernel": "Liger's DPO loss is a Triton kernel; jaxtune computes the preference losses from "
-                            "chunked log-probs without logits (as fused as Liger's)",
-    "dpo_padding_free": "preference rows are already laid out without padding inside a row (packed pairs, "
-                        "shared prompts)",
-}
-
-# Keys for features jaxtune does not have: an error when set to anything but their off value.
-NOT_SUPPORTED_KEYS: dict[str, str] = {
-    "rpo_alpha": "RPO's NLL term was removed from TRL 0.29; use rl: dpo with dpo_loss_type [sigmoid, sft] and "
-                 "dpo_loss_weights [1, alpha]",
-    "dpo_norm_loss": "no longer supported by Axolotl/TRL; use dpo_loss_type [sigmoid_norm]",
-    "dpo_use_logits_to_keep": "no longer supported by Axolotl/TRL (log-probs are computed only for the completions)",
-    "dpo_generate_during_eval": "no longer supported by Axolotl/TRL",
-    "reward_model": "reward-model training is not supported",
-    "process_reward_model": "reward-model training is not supported",
-    "gptq": "GPTQ checkpoints are not supported; use adapter: qlora with load_in_4bit",
-    "peft_use_dora": "DoRA is not supported",
-    "lora_fan_in_fan_out": "fan_in_fan_out models (GPT-2 Conv1D) are not supported",
-    "loftq_config": "LoftQ initialisation is not supported",
-    "relora_steps": "ReLoRA is not supported",
-    "group_by_length": "length grouping is not supported; use sample_packing for the same saving",
-    "push_to_hub": "this tool does not upload; copy output_dir/hf yourself",
-    "hub_model_id": "this tool does not upload; copy output_dir/hf yourself",
-    "base_model_config": "config.json is read from base_model",
-    "revision_of_model": "base_model must be a local directory (no hub downloads at run time)",
-    "unfrozen_parameters": "partial full fine-tuning by parameter name is not supported; use adapter: lora with "
-                           "lora_modules_to_save",
-    "neftune_noise_alpha": "NEFTune is not supported",
-}
+_DIR = Path(__file__).resolve().parent
 
 
-def warn_no_effect(data: dict) -> dict:
-    """Drop NO_EFFECT_KEYS from `data` with one warning each; raise for NOT_SUPPORTED_KEYS that are on."""
-    for key in [k for k in data if k in NO_EFFECT_KEYS]:
-        if data[key] not in (None, False):
-            warn_once(f"config key '{key}' has no effect in jaxtune: {NO_EFFECT_KEYS[key]}")
-        data = {k: v for k, v in data.items() if k != key}
-    for key in [k for k in data if k in NOT_SUPPORTED_KEYS]:
-        if data[key] not in (None, False, [], {}, 0):
-            raise ValueError(f"'{key}' is not supported: {NOT_SUPPORTED_KEYS[key]}")
-        data = {k: v for k, v in data.items() if k != key}
+def _load_tables() -> tuple[dict, dict]:
+    status = yaml.safe_load((_DIR / "key_status.yaml").read_text())
+    axolotl = json.loads((_DIR / "axolotl_keys.json").read_text())
+    return status, axolotl
+
+
+# The status tables (config/key_status.yaml) and Axolotl's own keys (config/axolotl_keys.json, from its
+# schema): section -> key -> reason, for keys that change nothing here and keys of missing features.
+KEY_STATUS, AXOLOTL_KEYS = _load_tables()
+NO_EFFECT: dict[str, dict[str, str]] = {sec: dict(t.get("no_effect") or {}) for sec, t in KEY_STATUS.items()
+                                        if sec != "plugin_modules"}
+NOT_SUPPORTED: dict[str, dict[str, str]] = {sec: dict(t.get("error") or {}) for sec, t in KEY_STATUS.items()
+                                            if sec != "plugin_modules"}
+MAPPED: dict[str, dict[str, str]] = {sec: dict(t.get("mapped") or {}) for sec, t in KEY_STATUS.items()
+                                     if sec != "plugin_modules"}
+PLUGIN_MODULES: dict[str, tuple[str, str]] = {m: tuple(v) for m, v in KEY_STATUS["plugin_modules"].items()}
+# Keys Axolotl's plugins add (top level): key -> plugin module; their status is their plugin's.
+PLUGIN_KEYS: dict[str, str] = {k: v["plugin"] for k, v in AXOLOTL_KEYS["plugin"].items()}
+NO_EFFECT_KEYS, NOT_SUPPORTED_KEYS = NO_EFFECT["top"], NOT_SUPPORTED["top"]
+
+
+def _is_off(value) -> bool:
+    return value in (None, False, [], {}, 0, "")
+
+
+def warn_no_effect(data: dict, section: str = "top", fields: Iterable[str] = ()) -> dict:
+    """Drop `section`'s no-effect keys from `data` with one warning each (when set); raise for keys of
+    features jaxtune lacks when they are set. At the top level, keys of Axolotl's plugins that are not
+    jaxtune `fields` follow their plugin's status."""
+    prefix = "trl." if section == "trl" else ""  # a dataset entry's errors already name datasets[i]
+    fields = set(fields)
+    out, quiet = {}, {}
+    for key, value in data.items():
+        reason, status = None, None
+        if key in NO_EFFECT.get(section, {}):
+            status, reason = "no_effect", NO_EFFECT[section][key]
+        elif key in NOT_SUPPORTED.get(section, {}):
+            status, reason = "error", NOT_SUPPORTED[section][key]
+        elif section == "top" and key in PLUGIN_KEYS and key not in fields and key not in MAPPED["top"]:
+            module = PLUGIN_KEYS[key]
+            status, reason = PLUGIN_MODULES.get(module, ("error", f"Axolotl's {module} plugin is not supported"))
+            reason = f"a key of Axolotl's {module} plugin: {reason}"
+        if status is None:
+            out[key] = value
+        elif status == "error" and not _is_off(value):
+            raise ValueError(f"'{prefix}{key}' is not supported: {reason}")
+        elif status == "no_effect" and not _is_off(value):
+            quiet.setdefault(reason, []).append(prefix + key)
+    for reason, keys in quiet.items():  # one warning per reason (vLLM's dozen keys say one thing)
+        if len(keys) == 1:
+            warn_once(f"config key '{keys[0]}' has no effect in jaxtune: {reason}")
+        else:
+            warn_once(f"config keys {', '.join(repr(k) for k in keys)} have no effect in jaxtune: {reason}")
+    return out
+
+
+def _plugin(entry: str) -> tuple[str, str, str]:
+    """(module, status, reason) of a `plugins:` entry such as axolotl.integrations.liger.LigerPlugin."""
+    parts = str(entry).split(".")
+    if len(parts) >= 4 and parts[:2] == ["axolotl", "integrations"]:
+        module = parts[2]
+        if module in PLUGIN_MODULES:
+            return (module, *PLUGIN_MODULES[module])
+        return module, "error", f"Axolotl's {module} plugin is not supported"
+    return str(entry), "error", "jaxtune cannot load Axolotl plugins (Python code for Axolotl's trainer)"
+
+
+def map_axolotl_keys(data: dict) -> dict:
+    """Axolotl keys with a jaxtune equivalent (MAPPED["top"]), rewritten with one warning each: batch_size,
+    cut_cross_entropy, float32, and `plugins:` entries by their plugin's status."""
+    data = dict(data)
+
+    def put(key, value, source):
+        if data.get(key) not in (None, value):
+            raise ValueError(f"{source} means {key}: {value}, but {key} is {data[key]}")
+        data[key] = value
+
+    if data.get("batch_size") is not None:
+        total, micro = data.pop("batch_size"), data.get("micro_batch_size") or 1
+        if total % micro:
+            raise ValueError(f"batch_size {total} is not a multiple of micro_batch_size {micro}")
+        put("gradient_accumulation_steps", total // micro, f"batch_size {total}")
+        warn_once(f"batch_size {total} -> gradient_accumulation_steps {total // micro} (Axolotl's rule: batch_size / "
+                  "micro_batch_size)")
+    if "cut_cross_entropy" in data:
+        value = data.pop("cut_cross_entropy")
+        if value is not None:
+            put("chunked_cross_entropy", bool(value), f"cut_cross_entropy: {value}")
+    if "float32" in data:
+        if data.pop("float32"):
+            put("bf16", False, "float32: true")
+    for entry in data.pop("plugins", None) or []:
+        module, status, reason = _plugin(entry)
+        if status == "error":
+            raise ValueError(f"plugins: {entry}: {reason}")
+        if status == "mapped" and module == "cut_cross_entropy":
+            data.setdefault("chunked_cross_entropy", True)
+        if status == "implemented" and module == "swanlab":
+            data.setdefault("use_swanlab", True)  # as Axolotl: listing the plugin turns SwanLab on
+        if status != "implemented":
+            warn_once(f"plugins: {entry}: {reason}")
     return data
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jaxtune.config.base import Section, rewrite_deprecated
+from jaxtune.config.base import Section, rewrite_deprecated, warn_no_effect
 
 class UserDefinedFormat(Section):
     """`type:` given as a mapping: a prompt format written in the config (Axolotl's user-defined)."""
@@ -64,7 +64,8 @@ class DatasetConfig(Section):
         None, description="File type when the extension does not say it.")
     data_files: str | list[str] | None = Field(None, description="Files within `path` (or hub repo) to load.")
     split: str = Field("train", description="Split to take.")
-    name: str | None = Field(None, description="Dataset configuration name (hub datasets).")
+    name: str | None = Field(None, description="Dataset configuration name: a hub dataset's, or one a local "
+                             "directory's README.md lists under `configs:` (an error for other local sources).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Hub datasets with loading scripts are not supported.")
     shards: int | None = Field(None, ge=1, description="Split the dataset into this many shards and keep one.")
@@ -83,6 +84,12 @@ class DatasetConfig(Section):
     chat_template: str | None = Field(None, description="Per-dataset chat template (as the top-level key).")
     chat_template_jinja: str | None = Field(None, description="Per-dataset jinja template (chat_template: jinja).")
     drop_system_message: bool = Field(False, description="Remove system messages before rendering.")
+    field_thinking: str | None = Field(None, description="chat_template: message key holding the reasoning "
+                                       "(default reasoning_content); given to the template as template_thinking_key.")
+    template_thinking_key: str | None = Field(None, description="chat_template: key the chat template reads the "
+                                              "reasoning from (default reasoning_content).")
+    split_thinking: bool = Field(False, description="chat_template: take <think>...</think> (or <reasoning>, "
+                                 "<|begin_of_thought|>) out of assistant content into the reasoning.")
     # preference pairs, KTO rows and prompts (user_defined.default reads the formats)
     field_prompt: str | None = Field(None, description="Preference/prompt rows: the prompt column.")
     field_system: str | None = Field(None, description="user_defined.default: the system column.")
@@ -100,7 +107,7 @@ class DatasetConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _deprecated(cls, data: Any) -> Any:
-        return rewrite_deprecated(data, "dataset") if isinstance(data, dict) else data
+        return warn_no_effect(rewrite_deprecated(data, "dataset"), "dataset") if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:

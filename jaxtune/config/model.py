@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jaxtune.config.base import Section
 from jaxtune.logging import warn_once
@@ -13,11 +13,15 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
 ATTN_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas", "cudnn", "eager", "sdpa", "flash_attention_2",
                         "flash_attention_3", "flex_attention", "xformers")
+OTHER_ATTN_IMPLEMENTATIONS = ("flash_attention_4", "flash_attention_torch", "sage", "fp8", "fsa")
 
 
 class ModelKeys(Section):
     base_model: str | None = Field(None, description="HF model directory, or `bundled:smollm2`.")
     tokenizer_config: str | None = Field(None, description="Directory of the tokenizer, when not base_model's.")
+    trust_remote_code: bool | None = Field(None, description="jaxtune never runs code shipped with a checkpoint: "
+                                           "true is an error naming the file that would run (config.json auto_map), "
+                                           "or has no effect when the checkpoint ships none.")
     # precision
     bf16: bool | Literal["auto", "full"] = Field(
         "auto", description="bf16 compute with fp32 trainable parameters; `full` keeps every parameter in bf16; "
@@ -31,10 +35,18 @@ class ModelKeys(Section):
     gradient_checkpointing: bool | Literal["full", "dots", "none"] = Field(
         False, description="Rematerialise activations in the backward pass: true/full recomputes each layer, "
         "`dots` keeps matmul outputs.")
+    activation_offloading: bool | Literal["legacy", "disk", "hidden_states"] | None = Field(
+        None, description="Keep the activations saved for the backward in pinned host memory instead of the "
+        "device's (remat with offload; every Axolotl mode maps to this); where devices have no host memory, "
+        "full gradient checkpointing with a warning.")
     chunked_cross_entropy: bool | None = Field(
         None, description="Compute the loss from the hidden states and the LM head in token chunks, never the "
         "whole [batch, seq, vocab] logits (default: on; same values, far less memory).")
     use_cut_cross_entropy: bool | None = Field(None, description="Axolotl's name for chunked_cross_entropy.")
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="Full fine-tuning of only the parameters whose HF names match one of these regexes "
+        "(Axolotl's rules: matched from the start, dots literal, an optional [start:end] range of rows); the "
+        "rest stays frozen, without optimizer state.")
     # adapters
     adapter: Literal["lora", "qlora"] | None = Field(None, description="Train a LoRA adapter (qlora: over NF4 "
                                                      "frozen weights) instead of every parameter.")
@@ -63,6 +75,18 @@ class ModelKeys(Section):
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Dtype the NF4 kernels are dequantized to (default: the compute dtype).")
 
+    @field_validator("attn_implementation", mode="before")
+    @classmethod
+    def _attn(cls, value):
+        """Axolotl's other attention backends (hub kernels such as kernels-community/vllm-flash-attn3, sage,
+        fp8, FlashAttention 4, ...) are CUDA kernels: jaxtune picks its own (auto), saying so once."""
+        if isinstance(value, str) and value not in ATTN_IMPLEMENTATIONS and (
+                "/" in value or value in OTHER_ATTN_IMPLEMENTATIONS):
+            warn_once(f"attn_implementation {value}: a CUDA kernel jaxtune does not use; attention runs on jaxtune's "
+                      "own kernels (auto: pallas on GPUs and TPUs, blockwise elsewhere)")
+            return "auto"
+        return value
+
     @model_validator(mode="after")
     def _check_model(self) -> ModelKeys:
         if None not in (self.chunked_cross_entropy, self.use_cut_cross_entropy) and \
@@ -78,11 +102,18 @@ class ModelKeys(Section):
         lora_keys = ("lora_model_dir", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
                      "peft_layers_to_transform", "loraplus_lr_ratio")
         if self.adapter is None:
+            if self.lora_model_dir:
+                raise ValueError("lora_model_dir set without adapter: lora / qlora (to continue training that "
+                                 "adapter, set adapter: lora)")
             given = [k for k in lora_keys if getattr(self, k) not in (None, False)]
-            if given:
-                raise ValueError(f"{', '.join(given)} set without adapter: lora / qlora")
+            if given:  # as in Axolotl, which ignores them; said loudly, as a forgotten `adapter:` looks the same
+                warn_once(f"{', '.join(given)} set without adapter: lora / qlora: they have no effect, and every "
+                          "parameter trains (full fine-tuning)")
         elif self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear:
             raise ValueError("an adapter needs lora_target_modules or lora_target_linear: true")
+        if self.unfrozen_parameters and self.adapter:
+            raise ValueError("unfrozen_parameters chooses what trains in full fine-tuning; with an adapter, train "
+                             "embeddings or the head fully with lora_modules_to_save")
         if self.loraplus_lr_embedding is not None:
             warn_once("loraplus_lr_embedding has no effect: jaxtune puts no LoRA adapters on embeddings (train them "
                       "fully with lora_modules_to_save)")

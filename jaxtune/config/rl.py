@@ -14,33 +14,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from jaxtune.config.base import Section
+from jaxtune.config.base import Section, warn_no_effect
 from jaxtune.logging import warn_once
 
 RL_TYPES = ("dpo", "ipo", "orpo", "simpo", "kto", "grpo", "gdpo")
 DEFAULT_BETA = 0.1  # TRL's default for DPO, ORPO, CPO/SimPO and KTO (GRPO's is 0.0)
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
-# Axolotl's `trl:` keys that change nothing here (vLLM serves TRL's rollouts; jaxtune samples with its own
-# sampler on the training mesh, from the very parameters being trained): one warning each.
-TRL_VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
-                 "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_importance_sampling_clip_min",
-                 "vllm_importance_sampling_clip_max", "vllm_importance_sampling_correction",
-                 "vllm_importance_sampling_mode", "vllm_importance_sampling_cap", "vllm_sync_interval", "vllm_lora_sync")
-# Axolotl's `trl:` keys of features jaxtune does not have: an error that says so.
-TRL_UNSUPPORTED_KEYS = {
-    "entropy_coef": "the entropy bonus", "use_adaptive_entropy": "the entropy bonus",
-    "entropy_target": "the entropy bonus", "entropy_coef_delta": "the entropy bonus",
-    "entropy_coef_min": "the entropy bonus", "entropy_coef_max": "the entropy bonus",
-    "rollout_func": "custom rollout functions", "use_data_producer": "asynchronous rollouts",
-    "async_prefetch": "asynchronous rollouts", "prefetch_depth": "asynchronous rollouts",
-    "streaming_partial_batch": "asynchronous rollouts", "streaming_min_groups": "asynchronous rollouts",
-    "replay_buffer_size": "replay buffers", "replay_recompute_logps": "replay buffers",
-    "reroll_start_fraction": "re-rolling groups", "reroll_max_groups": "re-rolling groups",
-    "off_policy_mask_threshold": "off-policy sequence masking",
-    "reward_num_workers": "reward worker pools", "log_multimodal": "multimodal logging",
-    "generation_kwargs": "extra generation arguments", "chat_template_kwargs": "chat template arguments",
-}
 
 
 class TRLKeys(Section):
@@ -96,16 +76,7 @@ class TRLKeys(Section):
     def _known(cls, data):
         if not isinstance(data, dict):
             return data
-        vllm = [k for k in data if k in TRL_VLLM_KEYS and data[k] not in (None, False)]
-        if vllm:
-            warn_once(f"{', '.join('trl.' + k for k in vllm)}: no effect: GRPO rollouts use jaxtune's own sampler on "
-                      "the training mesh, with the parameters being trained (no vLLM server, no weight sync)")
-        data = {k: v for k, v in data.items() if k not in TRL_VLLM_KEYS}
-        for key in list(data):
-            if key in TRL_UNSUPPORTED_KEYS and data[key] not in (None, False):
-                raise ValueError(f"trl.{key}: {TRL_UNSUPPORTED_KEYS[key]} is not supported")
-            elif key in TRL_UNSUPPORTED_KEYS:
-                data = {k: v for k, v in data.items() if k != key}
+        data = warn_no_effect(data, "trl")
         if data.get("use_liger_loss"):
             warn_once("trl.use_liger_loss has no effect: jaxtune's GRPO loss runs on chunked log-probs without logits")
         return data

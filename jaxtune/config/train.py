@@ -3,15 +3,40 @@ logging, output_dir."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from jaxtune.config.base import Section
+from jaxtune.config.trackers import check_trackers
 from jaxtune.logging import warn_once
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
-              "paged_adamw_32bit", "adam", "adafactor", "lion", "lion_8bit", "paged_lion_8bit", "sgd")
+              "adamw_torch_8bit", "paged_adamw_32bit", "adam", "adafactor", "lion", "lion_8bit", "paged_lion_8bit", "sgd",
+              "muon")
+# Other names of the same optimizers (HF's and Axolotl's), rewritten with one warning.
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch", "ao_adamw_8bit": "adamw_torch_8bit", "adamw_torch_npu_fused": "adamw_torch_fused",
+                     "adamw_apex_fused": "adamw_torch_fused", "optimi_adamw": "adamw_torch",
+                     "adamw_anyprecision": "adamw_torch", "paged_adamw": "paged_adamw_32bit",
+                     "paged_lion": "lion", "paged_lion_32bit": "lion", "adafactor_hf": "adafactor"}
+# Optimizers Axolotl/HF know that jaxtune has not got, with what to use instead.
+OPTIMIZERS_MISSING = {
+    "adamw_torch_4bit": "4-bit optimizer states are not implemented; adamw_8bit keeps AdamW's moments in 8 bits "
+                        "(a quarter of 32-bit AdamW's state)",
+    "ao_adamw_4bit": "4-bit optimizer states are not implemented; adamw_8bit keeps AdamW's moments in 8 bits",
+    "ao_adamw_fp8": "FP8 optimizer states are not implemented; adamw_8bit keeps AdamW's moments in 8 bits",
+    "galore_adamw": "GaLore is not implemented", "galore_adamw_8bit": "GaLore is not implemented",
+    "galore_adafactor": "GaLore is not implemented", "q_galore_adamw8bit": "Q-GaLore is not implemented",
+    "dion": "Dion is not implemented; muon is", "sinkgd": "SinkGD is not implemented", "polora": "PoLoRA is not "
+    "implemented", "adopt_adamw": "ADOPT is not implemented", "adamc": "AdamC is not implemented",
+    "came_pytorch": "CAME is not implemented", "schedule_free_adamw": "schedule-free optimizers are not implemented",
+    "schedule_free_sgd": "schedule-free optimizers are not implemented", "lomo": "LOMO is not implemented",
+    "adalomo": "LOMO is not implemented", "grokadamw": "GrokAdamW is not implemented",
+    "rmsprop": "RMSprop is not implemented", "adagrad": "Adagrad is not implemented",
+    "ademamix": "AdEMAMix is not implemented", "apollo_adamw": "APOLLO is not implemented",
+    "stable_adamw": "StableAdamW is not implemented",
+}
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts")
 
 
@@ -24,8 +49,10 @@ class TrainKeys(Section):
     num_epochs: int = Field(1, ge=1, description="Passes over the training set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    optimizer: Literal[OPTIMIZERS] = Field("adamw_torch_fused",  # type: ignore[valid-type]
-                                           description="Optimizer by Axolotl/HF name.")
+    optimizer: str = Field("adamw_torch_fused", description="Optimizer by Axolotl/HF name: "
+                           + ", ".join(OPTIMIZERS) + ". The *_8bit ones keep their moments 8-bit blockwise as "
+                           "bitsandbytes does; muon uses Axolotl's split (Muon on weight matrices, AdamW on the "
+                           "rest).")
     lr_scheduler: Literal[SCHEDULERS] = Field("cosine", description="Learning-rate schedule after warmup.")  # type: ignore[valid-type]
     cosine_min_lr_ratio: float | None = Field(None, ge=0, le=1, description="Cosine decays to this fraction of "
                                               "the peak learning rate.")
@@ -48,7 +75,8 @@ class TrainKeys(Section):
     # eval
     eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (< 1: a fraction of all "
                                      "steps).")
-    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluate this many times per epoch.")
+    evals_per_epoch: int | None = Field(None, ge=0, description="Evaluate this many times per epoch (0: no "
+                                        "evaluation during or after training, as in Axolotl).")
     eval_strategy: Literal["steps", "epoch", "no"] | None = Field(None, description="When to evaluate (default: "
                                                                   "steps when eval_steps is set, else epoch).")
     # checkpoints
@@ -69,6 +97,58 @@ class TrainKeys(Section):
     wandb_name: str | None = Field(None, description="W&B run name.")
     wandb_run_id: str | None = Field(None, description="W&B run id (to continue a run).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+    # other trackers (rules in config/trackers.py: a project key alone turns its tracker on, as in Axolotl)
+    use_wandb: bool | None = Field(None, description="Log to W&B; without wandb_project the project is "
+                                   "$WANDB_PROJECT or 'huggingface' (as HF's Trainer). wandb_project alone "
+                                   "turns W&B on.")
+    use_trackio: bool | None = Field(None, description="Log to Trackio (when trackio is installed); "
+                                     "trackio_project_name alone turns it on.")
+    trackio_project_name: str | None = Field(None, description="Trackio project (default 'huggingface').")
+    trackio_run_name: str | None = Field(None, description="Trackio run name (default: generated).")
+    trackio_space_id: str | None = Field(None, description="Hugging Face Space to sync the Trackio dashboard "
+                                         "to (default: a local dashboard only).")
+    use_swanlab: bool | None = Field(None, description="Log to SwanLab (when swanlab is installed); needs "
+                                     "swanlab_project, which alone turns it on (Axolotl's SwanLab plugin keys).")
+    swanlab_project: str | None = Field(None, description="SwanLab project.")
+    swanlab_experiment_name: str | None = Field(None, description="SwanLab experiment name (default: generated).")
+    swanlab_description: str | None = Field(None, description="SwanLab experiment description.")
+    swanlab_mode: Literal["cloud", "local", "offline", "disabled"] | None = Field(
+        None, description="SwanLab mode: cloud (sync, the default), local, offline (save to sync later), disabled.")
+    swanlab_workspace: str | None = Field(None, description="SwanLab workspace (organization or user).")
+    swanlab_api_key: str | None = Field(None, description="SwanLab API key (better: SWANLAB_API_KEY or "
+                                        "`swanlab login`); never logged with the run's config.")
+    swanlab_web_host: str | None = Field(None, description="SwanLab web address (private deployment).")
+    swanlab_api_host: str | None = Field(None, description="SwanLab API address (private deployment).")
+    swanlab_lark_webhook_url: str | None = Field(None, description="Lark (Feishu) webhook SwanLab notifies of "
+                                                 "the run's start and end.")
+    swanlab_lark_secret: str | None = Field(None, description="Secret signing the Lark webhook's messages.")
+    swanlab_log_model: bool | None = Field(None, description="No effect (one warning): the model is written to "
+                                           "output_dir, not uploaded.")
+    swanlab_log_completions: bool | None = Field(None, description="No effect when true (one warning): RLHF "
+                                                 "completion tables are not logged.")
+    swanlab_completion_log_interval: int | None = Field(None, description="No effect (one warning): completion "
+                                                        "tables are not logged.")
+    swanlab_completion_max_buffer: int | None = Field(None, description="No effect (one warning): completion "
+                                                      "tables are not logged.")
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> TrainKeys:
+        check_trackers(self)
+        return self
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        if value in OPTIMIZER_ALIASES:
+            warn_once(f"optimizer {value} is trained as {OPTIMIZER_ALIASES[value]} (the same update rule and state)")
+            return OPTIMIZER_ALIASES[value]
+        if value in OPTIMIZERS_MISSING:
+            raise ValueError(f"optimizer {value}: {OPTIMIZERS_MISSING[value]}")
+        if value not in OPTIMIZERS:
+            close = difflib.get_close_matches(value, OPTIMIZERS, n=1, cutoff=0.6)
+            raise ValueError(f"unknown optimizer {value!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (jaxtune has: {', '.join(OPTIMIZERS)})")
+        return value
 
     @field_validator("save_strategy", "eval_strategy", mode="before")
     @classmethod
@@ -80,7 +160,7 @@ class TrainKeys(Section):
         exclusive = [("warmup_steps", "warmup_ratio"), ("save_steps", "saves_per_epoch"),
                      ("eval_steps", "evals_per_epoch"), ("cosine_min_lr_ratio", "cosine_eta_min")]
         for a, b in exclusive:
-            if getattr(self, a) is not None and getattr(self, b) is not None:
+            if getattr(self, a) is not None and getattr(self, b) not in (None, 0):
                 raise ValueError(f"{a} and {b} cannot both be set")
         if self.cosine_restarts is not None and self.lr_scheduler != "cosine_with_restarts":
             raise ValueError("cosine_restarts needs lr_scheduler: cosine_with_restarts")

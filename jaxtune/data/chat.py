@@ -8,6 +8,17 @@ character span overlaps that region train; then the first end-of-turn token afte
 `train_on_eos`. No decoded text is searched, and a turn the template does not write (or writes
 twice) is an error naming the row, never a silently wrong mask.
 
+Reasoning (Axolotl's `field_thinking` / `template_thinking_key` / `split_thinking`): a message's
+reasoning is read from `field_thinking` (or split out of `<think>...</think>` in an assistant's content)
+and handed to the template under `template_thinking_key`. The probe replaces the content and drops
+the reasoning, as Axolotl's dummy turn `{role, content: sentinel}` does, so a trained turn trains its
+reasoning, what the template writes between reasoning and content (`</think>`), and its content. With
+Qwen3's template on the final turn:
+
+    full  = "<|im_start|>assistant\n<think>\nR\n</think>\n\nC<|im_end|>\n"
+    probe = "<|im_start|>assistant\n<think>\n\n</think>\n\n\x01<|im_end|>\n"
+    region = "R\n</think>\n\nC"  (the opening "<think>\n" is the same in both: it does not train)
+
 Worked example (chatml, roles_to_train=[assistant], train_on_eos=turn):
 
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -22,10 +33,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import re
 from collections.abc import Sequence
 
 from jaxtune.batch import IGNORE
 from jaxtune.errors import JaxtuneError
+from jaxtune.logging import warn_once
 
 DEFAULT_ROLE_MAP: dict[str, list[str]] = {
     "user": ["user", "human"],
@@ -34,6 +48,22 @@ DEFAULT_ROLE_MAP: dict[str, list[str]] = {
     "tool": ["tool", "ipython", "function"],
 }
 _PLACEHOLDER = "\x01"
+REASONING_KEY = "reasoning_content"  # Axolotl's default for field_thinking and template_thinking_key
+# split_thinking: the reasoning delimiters Axolotl tries, in order, and the solution block it unwraps.
+THINKING_PAIRS = (("<think>", "</think>"), ("<reasoning>", "</reasoning>"),
+                  ("<|begin_of_thought|>", "<|end_of_thought|>"))
+SOLUTION_PAIR = ("<|begin_of_solution|>", "<|end_of_solution|>")
+# Keys transformers hands to a template as the reasoning (it copies one into the others). Axolotl gives the
+# template only the keys it reads, so one of these in the data that the template does not read by
+# name is dropped: the reasoning is what `field_thinking` names, whatever the transformers version.
+REASONING_ALIASES = ("reasoning_content", "thinking", "reasoning")
+
+
+@functools.lru_cache(maxsize=64)
+def template_reads(template: str, key: str) -> bool:
+    """Whether the jinja reads `key` off something (`m.key`, `m['key']`, `m.get('key')`)."""
+    k = re.escape(key)
+    return re.search(rf"""\.{k}\b|\[\s*['"]{k}['"]\s*\]|get\(\s*['"]{k}['"]""", template) is not None
 
 
 class TurnNotFoundError(JaxtuneError):
@@ -54,11 +84,15 @@ class ChatSpec:
     train_on_inputs: bool = False
     drop_system_message: bool = False
     eot_ids: frozenset[int] = frozenset()  # end-of-turn token ids (eos, eot_tokens, the template's marker)
+    field_thinking: str = REASONING_KEY  # message key holding the reasoning in the data
+    template_thinking_key: str = REASONING_KEY  # key the chat template reads the reasoning from
+    split_thinking: bool = False  # split <think>...</think> out of assistant content into the reasoning
 
     @classmethod
     def build(cls, template: str, *, field_messages=None, message_property_mappings=None, roles=None,
               roles_to_train=None, train_on_eos=None, train_on_inputs=False, drop_system_message=False,
-              eot_ids=frozenset(), default_field="messages") -> ChatSpec:
+              eot_ids=frozenset(), default_field="messages", field_thinking=None, template_thinking_key=None,
+              split_thinking=False) -> ChatSpec:
         mapping = message_property_mappings or {}
         unknown = set(mapping) - {"role", "content"}
         if unknown:
@@ -71,7 +105,8 @@ class ChatSpec:
                    role_key=mapping.get("role", "role"), content_key=mapping.get("content", "content"),
                    role_map=role_map, roles_to_train=tuple(roles_to_train or ("assistant",)),
                    train_on_eos=train_on_eos or "turn", train_on_inputs=train_on_inputs, eot_ids=frozenset(eot_ids),
-                   drop_system_message=drop_system_message)
+                   drop_system_message=drop_system_message, field_thinking=field_thinking or REASONING_KEY,
+                   template_thinking_key=template_thinking_key or REASONING_KEY, split_thinking=bool(split_thinking))
 
 
 def normalize_messages(raw, spec: ChatSpec, where: str) -> list[dict]:
@@ -87,12 +122,48 @@ def normalize_messages(raw, spec: ChatSpec, where: str) -> list[dict]:
             raise JaxtuneError(f"{where}: message {i} has role '{source}', which is not mapped; known roles: "
                                f"{sorted(spec.role_map)} (map it with `roles:`)")
         content = message.get(spec.content_key)
-        extra = {k: v for k, v in message.items() if k not in (spec.role_key, spec.content_key) and v is not None}
+        own = (spec.role_key, spec.content_key, spec.field_thinking)
+        extra = {k: v for k, v in message.items() if k not in own and v is not None
+                 and (k not in REASONING_ALIASES or template_reads(spec.template, k))}
         role = spec.role_map[source]
         if role == "system" and spec.drop_system_message:
             continue
-        out.append({**extra, "role": role, "content": "" if content is None else str(content)})
+        content = "" if content is None else str(content)
+        reasoning = message.get(spec.field_thinking)
+        if spec.split_thinking and role == "assistant":
+            content, reasoning = split_thinking(content, reasoning)
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise JaxtuneError(f"{where}: message {i}: the reasoning in '{spec.field_thinking}' (field_thinking) "
+                                   f"must be a string, got {type(reasoning).__name__}")
+            key = spec.template_thinking_key  # transformers also hands an alias's value to the others
+            if not any(template_reads(spec.template, k) for k in (REASONING_ALIASES if key in REASONING_ALIASES
+                                                                  else (key,))):
+                warn_once(f"the chat template never reads '{spec.template_thinking_key}' (template_thinking_key): "
+                          "the messages' reasoning is not rendered and does not train")
+            extra[spec.template_thinking_key] = reasoning
+        out.append({**extra, "role": role, "content": content})
     return out
+
+
+def split_thinking(content: str, reasoning=None) -> tuple[str, str | None]:
+    """(content, reasoning) with the first delimited reasoning block taken out of `content`, as
+    Axolotl's `split_thinking` does: the text between the first pair found (stripped) becomes the
+    reasoning (replacing any given one); the content is what follows the closing tag (left-stripped),
+    or the inside of a `<|begin_of_solution|>` block there. Text before the opening tag is dropped.
+
+        "<think> 2+2 is 4 </think>\n\nFour." -> ("Four.", "2+2 is 4")
+    """
+    for opening, closing in THINKING_PAIRS:
+        if opening in content and closing in content:
+            start, end = content.find(opening), content.find(closing)
+            thought = content[start + len(opening):end].strip()
+            rest = content[end + len(closing):].lstrip()
+            first, last = SOLUTION_PAIR
+            if first in rest and last in rest:
+                rest = rest[rest.find(first) + len(first):rest.find(last)].strip()
+            return rest, thought
+    return content, reasoning
 
 
 def render(tokenizer, template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
@@ -126,12 +197,17 @@ def turn_region(tokenizer, spec: ChatSpec, messages: list[dict], i: int, full: s
     message = messages[i]
     content = message["content"]
     placeholder = _PLACEHOLDER * max(len(content), 1)
-    probe = render(tokenizer, spec.template, [*messages[:i], {**message, "content": placeholder}, *messages[i + 1:]])
+    reasoning = message.get(spec.template_thinking_key)
+    reasoning_keys = (spec.template_thinking_key, *REASONING_ALIASES)
+    dummy = {k: v for k, v in message.items() if k not in reasoning_keys}  # the reasoning goes too
+    probe = render(tokenizer, spec.template, [*messages[:i], {**dummy, "content": placeholder}, *messages[i + 1:]])
     if probe == full:
         raise TurnNotFoundError(f"{where}: the chat template does not write message {i} ({message['role']}); "
                                 "its tokens cannot be labelled")
     start, end = _changed_region(full, probe)
-    if end - start > len(content) and full[start:end].strip() != content.strip():
+    region = full[start:end]
+    with_reasoning = isinstance(reasoning, str) and reasoning.strip() in region and content.strip() in region
+    if end - start > len(content) and region.strip() != content.strip() and not with_reasoning:
         raise TurnNotFoundError(
             f"{where}: message {i} ({message['role']}) could not be located in the rendered template "
             "(the template changes more than the message's own text); labels would be wrong")

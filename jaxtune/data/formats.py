@@ -234,12 +234,13 @@ SUPPORTED_TYPES = SFT_TYPES + PROMPT_TYPES + tuple(dict.fromkeys(PAIR_TYPES + KT
 # Dataset keys each type reads, besides the ones every type reads (where and how to load the rows).
 _CHAT_KEYS = {"field_messages", "message_property_mappings", "roles", "roles_to_train", "train_on_eos",
               "chat_template", "chat_template_jinja", "drop_system_message"}
+_THINKING_KEYS = {"field_thinking", "template_thinking_key", "split_thinking"}  # SFT chat_template only, as Axolotl
 _LOADING_KEYS = {"path", "type", "ds_type", "data_files", "split", "name", "revision", "trust_remote_code", "shards",
                  "shards_idx", "preprocess_shards"}
 TYPE_KEYS: dict[str, set[str]] = {
     "alpaca": set(), "user-defined": set(), "input_output": set(),
     "completion": {"field"}, "pretrain": {"field"},
-    "chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS,
+    "chat_template": _CHAT_KEYS | _THINKING_KEYS, "sharegpt": _CHAT_KEYS | _THINKING_KEYS,
     "prompt": _CHAT_KEYS | {"field_prompt"},
     **{t: preference_type_keys(t, _CHAT_KEYS) for t in PAIR_TYPES + KTO_TYPES},
 }
@@ -321,7 +322,9 @@ def _chat_spec(entry: DatasetConfig, tok: TokenizerInfo, top_template: str, top_
         template, field_messages=entry.field_messages or field_messages,
         message_property_mappings=entry.message_property_mappings or mappings, roles=entry.roles,
         roles_to_train=entry.roles_to_train, train_on_eos=entry.train_on_eos, train_on_inputs=train_on_inputs,
-        drop_system_message=entry.drop_system_message, eot_ids=end_of_turn_ids(tok, name))
+        drop_system_message=entry.drop_system_message, eot_ids=end_of_turn_ids(tok, name),
+        field_thinking=entry.field_thinking, template_thinking_key=entry.template_thinking_key,
+        split_thinking=entry.split_thinking)
 
 
 def _prompt_encoder(entry: DatasetConfig, tok: TokenizerInfo, top_template: str, top_jinja: str | None, cfg,

@@ -2,6 +2,11 @@
 
 Everything is read by `datasets`; this module decides how to call it and turns its failures into
 errors that name the file and line (bad JSON), or say what was looked for (missing paths).
+
+A dataset entry's `name` (a configuration, `datasets.load_dataset(path, name=...)`) is honoured where
+a configuration can exist: a hub dataset, and a local directory in the hub layout (a README.md whose
+YAML header lists `configs:`). Anywhere else (a single file, a `save_to_disk` directory, a directory
+without `configs:`, an fsspec URL) it could mean nothing, and setting it is an error, never ignored.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def load_rows(entry: DatasetConfig, index: int):
         if _is_url(entry.path):
             ds = _load_url(entry, where)
         elif path.is_file():
+            _no_name(entry, where, "a single local file has no configurations")
             builder = _builder(entry, path.name)
             if builder is None:
                 raise DataSourceError(f"{where}: cannot tell the file type of {path.name}; set ds_type "
@@ -104,7 +110,20 @@ def _load_dir(entry: DatasetConfig, path: Path, where: str):
     import datasets
 
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        _no_name(entry, where, "a save_to_disk directory has no configurations (pick a split with split:)")
         return datasets.load_from_disk(str(path))  # written by save_to_disk
+    configs = readme_configs(path)
+    if configs and not entry.data_files:
+        return _load_configured_dir(entry, path, configs, where)
+    if entry.name:
+        if configs:
+            raise DataSourceError(f"{where}: name: {entry.name} selects a configuration of README.md and "
+                                  "data_files selects files; set one of them")
+        hint = f"; to read the folder {entry.name}/, set path: {path / entry.name}" if (path / entry.name).is_dir() \
+            else ""
+        scripts = "" if not list(path.glob("*.py")) else " (dataset loading scripts are not supported)"
+        raise DataSourceError(f"{where}: name: {entry.name} selects a configuration, but the directory declares "
+                              f"none (no `configs:` in a README.md YAML header){scripts}{hint}")
     if entry.data_files:
         names = [entry.data_files] if isinstance(entry.data_files, str) else entry.data_files
         files = [str(path / n) for n in names]
@@ -119,8 +138,51 @@ def _load_dir(entry: DatasetConfig, path: Path, where: str):
     return _load_files(builders.pop(), files, where)
 
 
+def readme_configs(path: Path) -> dict[str, bool] | None:
+    """{config name: is default} from the `configs:` of a directory's README.md YAML header (the hub
+    layout), or None when it lists none."""
+    import yaml
+
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    header = text[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(header)
+    except yaml.YAMLError as exc:
+        raise DataSourceError(f"{readme}: the YAML header cannot be read: {exc}") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or not configs:
+        return None
+    return {str(c.get("config_name", "default")): bool(c.get("default")) for c in configs if isinstance(c, dict)}
+
+
+def _load_configured_dir(entry: DatasetConfig, path: Path, configs: dict[str, bool], where: str):
+    """A local directory in the hub layout: `datasets` reads the configuration README.md describes."""
+    import datasets
+
+    if entry.name is not None and entry.name not in configs:
+        raise DataSourceError(f"{where}: no configuration '{entry.name}' in {path / 'README.md'} (has "
+                              f"{sorted(configs)})")
+    if entry.name is None and len(configs) > 1 and not any(configs.values()) and "default" not in configs:
+        raise DataSourceError(f"{where}: {path / 'README.md'} lists configurations {sorted(configs)} and none is "
+                              "the default; set name: to one of them")
+    return datasets.load_dataset(str(path), name=entry.name, split=entry.split)
+
+
+def _no_name(entry: DatasetConfig, where: str, why: str) -> None:
+    if entry.name is not None:
+        raise DataSourceError(f"{where}: name: {entry.name} cannot apply: {why}; remove it (it selects a hub "
+                              "dataset's configuration, or one a directory's README.md lists under `configs:`)")
+
+
 def _load_url(entry: DatasetConfig, where: str):
     import fsspec
+
+    _no_name(entry, where, "fsspec URLs are read as files")
 
     fs, root = fsspec.core.url_to_fs(entry.path)
     protocol = entry.path.split("://", 1)[0]

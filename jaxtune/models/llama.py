@@ -49,6 +49,11 @@ REMAT_POLICIES = {
     "none": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # "none"'s activations, moved to pinned host memory after the forward and back for the backward
+    # (Axolotl's activation_offloading; jaxtune.build picks it only where devices have host memory).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=SAVED_ACTIVATIONS, offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
