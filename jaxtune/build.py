@@ -83,6 +83,29 @@ def resolve_chunked_loss(cfg) -> bool:
     return True
 
 
+def reinitialize(model, path, seed: int) -> None:
+    """Axolotl's reinit_weights: random weights as transformers initialises a new model of this config
+    (`_init_weights`: kernels and embeddings ~ N(0, initializer_range), norm scales 1, biases 0), keeping
+    each parameter's dtype and placement."""
+    from flax import nnx
+
+    from jaxtune.checkpoint.hf import read_hf_config
+
+    std = float(read_hf_config(path)[0].get("initializer_range", 0.02))
+    key = jax.random.key(seed)
+    for i, (name, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        value = var.get_value()
+        leaf = str(getattr(name[-1], "key", name[-1]))
+        if leaf in ("kernel", "embedding"):
+            fresh = std * jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
+        elif leaf == "scale":
+            fresh = jnp.ones(value.shape, jnp.float32)
+        else:
+            fresh = jnp.zeros(value.shape, jnp.float32)
+        var.set_value(jax.device_put(fresh.astype(value.dtype), value.sharding))
+    info(f"reinit_weights: every weight of {path} is drawn afresh (N(0, {std:g}) kernels, unit norms)")
+
+
 def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None):
     """(model, LoRA spec or None, Precision) for a config. `place(path, host_array, logical_axes)`
     puts each base weight on devices as it is read (jaxtune.parallel.mesh.loading_place: straight
@@ -102,6 +125,8 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None
     model = load_model(path, dtype=compute, param_dtype=param_dtype, attn_implementation=resolve_attention(cfg),
                        remat=resolve_remat(cfg), place=place)
     model.chunked_loss = resolve_chunked_loss(cfg)
+    if cfg.reinit_weights:
+        reinitialize(model, path, cfg.seed)
     if cfg.adapter == "qlora":
         from jaxtune.peft.qlora import mark_quantized
 

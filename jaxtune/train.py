@@ -81,7 +81,6 @@ def run(cfg: Config) -> TrainResult:
     trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
     total = trained + sum(x.size for x in jax.tree.leaves(trainer.frozen))
     ranks = mesh_plan.batch_ranks
-    ranks = mesh_plan.batch_ranks
     if trainer.rollouts is not None:
         shape = objective.shape
         batch = (f"rollouts of {shape.prompts} prompt(s) x {shape.generations} completions of up to "
@@ -106,6 +105,7 @@ def run(cfg: Config) -> TrainResult:
                             primary=jax.process_index() == 0)
     try:
         last = trainer.train(metrics)
+        trainer.load_best()  # load_best_model_at_end: the best checkpoint's parameters are exported
     finally:
         metrics.close()
         trainer.close()

@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtune.batch import Layout
 from jaxtune.checkpoint.resume import Checkpoints
 from jaxtune.data.loader import BatchLoader
+from jaxtune.early_stopping import BestModel
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import MetricsWriter, Progress, info, warn
 from jaxtune.objectives.reference import reference_model
@@ -71,7 +72,7 @@ def _interval(every: float | None, per_epoch: int | None, strategy: str | None, 
 def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
-    total = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.num_epochs)
     eval_every = _interval(cfg.eval_steps, cfg.evals_per_epoch, cfg.eval_strategy, steps_per_epoch, total) \
         if has_eval else None
     save_every = _interval(cfg.save_steps, cfg.saves_per_epoch, cfg.save_strategy, steps_per_epoch, total)
@@ -210,7 +211,8 @@ class Trainer:
         else:
             self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=data.row_len,
                                       pad_id=self.pad_id, packed=data.packed, pad_to_sequence_len=pad_to_len,
-                                      shuffle=True, seed=cfg.seed, shard_index=share, shard_count=shares,
+                                      shuffle=not cfg.curriculum_sampling, seed=cfg.seed, shard_index=share,
+                                      shard_count=shares,
                                       collate=objective.collate)
             if data.eval is not None and len(data.eval):
                 self.eval_loader = BatchLoader(
@@ -244,6 +246,7 @@ class Trainer:
                                           reference=self.reference, **placed.step_shardings)
         self.eval_step = make_eval_step(self.graphdef, objective, reference=self.reference)
         self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
+        self.best = BestModel.from_config(cfg, self.plan)
         self.step = 0
         self.position = {"loader": None, "batch_in_epoch": 0} if self.rollouts is None else {"rollouts": None}
         # TR-DPO (trl.sync_ref_model): the reference moves towards the policy every ref_model_sync_steps
@@ -293,7 +296,23 @@ class Trainer:
                 "data_layout": self._data_layout()}
         if self.rollouts is not None:
             meta["rollout_boundary"] = self.rollouts.at_boundary
+        if self.best is not None:
+            self.best.on_save(self.step)
+            meta["best_model"] = dataclasses.asdict(self.best)
+            if self.best.export_best and self.best.saved:
+                self.checkpoints.protected = self.best.saved[1]
         self.checkpoints.save(self.step, self._state_tree(), meta)
+
+    def load_best(self) -> None:
+        """load_best_model_at_end: put the best checkpoint's parameters in the model (for the export)."""
+        if self.best is None or not self.best.export_best or not self.best.saved or self.best.saved[1] == self.step:
+            return
+        value, step = self.best.saved
+        state, _ = self.checkpoints.restore(step, {"params": nnx.to_pure_dict(self.trainable)})
+        nnx.replace_by_pure_dict(self.trainable, state["params"])
+        nnx.update(self.model, self.trainable)
+        info(f"load_best_model_at_end: exporting checkpoint {step} ({self.best.metric} {value:.4f}), not step "
+             f"{self.step}")
 
     def _data_layout(self) -> dict:
         """What the loader position means: rows per host batch and host shares, or the prompts of a
@@ -326,6 +345,12 @@ class Trainer:
             nnx.replace_by_pure_dict(self.ref_params, state["reference"])
         self.step = int(meta["step"])
         self.position = {k: meta.get(k) for k in self.position}
+        if self.best is not None and meta.get("best_model"):
+            saved = meta["best_model"]
+            self.best.best, self.best.bad, self.best.saved, self.best.last = (saved["best"], saved["bad"],
+                                                                               saved["saved"], saved["last"])
+            if self.best.export_best and self.best.saved:
+                self.checkpoints.protected = self.best.saved[1]
         if self.rollouts is not None:
             self.rollouts.restore(self.position["rollouts"])
             if not meta.get("rollout_boundary", True):
@@ -367,7 +392,7 @@ class Trainer:
     def _loader_steps(self):
         """Each step's stacked host batch from the loader, with the loader's position after it."""
         plan = self.plan
-        epochs = None if self.cfg.max_steps else self.cfg.num_epochs
+        epochs = None if self.cfg.max_steps else math.ceil(self.cfg.num_epochs)
         batches = self.loader.iterate(num_epochs=epochs, state=self.position["loader"])
         in_epoch = self.position["batch_in_epoch"]
         while True:
@@ -476,6 +501,11 @@ class Trainer:
                         f"{k} {v:.4f}" for k, v in evaluated.items() if k in (
                             "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_reward")))
                     last = {**last, **evaluated}
+                    if self.best is not None and self.best.observe(evaluated, self.step) and not final:
+                        warn(f"{self.best.metric} has not improved for {self.best.bad} evaluations in a row "
+                             f"(early_stopping_patience; best {self.best.best:.4g}): stopping training at step "
+                             f"{self.step} (checkpoint and export run as at the last step)")
+                        watchdog = final = True
                 save_due = save_due or bool(plan.save_every and self.step % plan.save_every == 0)
                 if (save_due and (self.rollouts is None or self.rollouts.at_boundary)) or (final and plan.save_every):
                     self.save()  # GRPO: at a rollout's end (a save due inside one waits), and the last step's

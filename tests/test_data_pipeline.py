@@ -237,3 +237,40 @@ def test_loader_pads_to_sequence_len_when_asked():
         loader = BatchLoader(rows, batch_size=2, sequence_len=200, pad_id=0, packed=False, pad_to_sequence_len=pad,
                              shard_index=0, shard_count=1)
         assert {b["input_ids"].shape for b in loader.iterate()} == {(2, width)}
+
+
+def test_min_sample_len_and_exact_deduplication(tmp_path, smollm2_dir):
+    """Axolotl's min_sample_len drops short SFT rows; dataset_exact_deduplication drops rows equal (after
+    tokenization) to an earlier one, and test rows equal to a training row."""
+    rows = ALPACA_ROWS[:10] + ALPACA_ROWS[:4] + [{"instruction": "x", "input": "", "output": "y"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", ALPACA_ROWS[8:12])
+    entries = [{"path": str(train), "type": "alpaca"}]
+    plain = prepare(config(tmp_path, smollm2_dir, entries, shuffle_merged_datasets=False))
+    lengths = [len(x) for x in plain.train["input_ids"]]
+    assert len(plain.train) == 15
+    cut = max(lengths)  # only the longest rows stay
+    short = prepare(config(tmp_path, smollm2_dir, entries, shuffle_merged_datasets=False, min_sample_len=cut))
+    assert [len(x) for x in short.train["input_ids"]] == [n for n in lengths if n >= cut]
+    assert 0 < len(short.train) < len(lengths)
+    unique = prepare(config(tmp_path, smollm2_dir, entries, shuffle_merged_datasets=False,
+                            dataset_exact_deduplication=True, test_datasets=[{"path": str(test), "type": "alpaca"}]))
+    assert unique.train["input_ids"] == plain.train["input_ids"][:10] + plain.train["input_ids"][14:]
+    assert len(unique.eval) == 2  # rows 8 and 9 are training rows too; 10 and 11 stay
+    assert {tuple(x) for x in unique.eval["input_ids"]}.isdisjoint({tuple(x) for x in unique.train["input_ids"]})
+
+
+def test_curriculum_sampling_reads_rows_in_order():
+    import datasets
+
+    from jaxtune.trainer import make_plan
+
+    rng = np.random.default_rng(0)
+    rows = datasets.Dataset.from_list([{**r, "labels": r["input_ids"]} for r in _rows(12, rng)])
+    loader = BatchLoader(rows, batch_size=4, sequence_len=256, pad_id=0, packed=False, seed=7, shuffle=False,
+                         shard_index=0, shard_count=1)
+    firsts = [b["input_ids"][:, 0].tolist() for b in loader.iterate(num_epochs=2)]
+    want = [[r[0] for r in rows["input_ids"][i:i + 4]] for i in (0, 4, 8)]
+    assert sorted(map(sorted, firsts)) == sorted(map(sorted, want * 2))
+    cfg = build_config({"curriculum_sampling": True, "num_epochs": 0.5})
+    assert cfg.curriculum_sampling and make_plan(cfg, 10, has_eval=False).total_steps == 5

@@ -260,3 +260,43 @@ def test_unfrozen_parameters_are_the_only_ones_that_change(tmp_path, tiny_chat_d
                        unfrozen_parameters=["model.layers.9.mlp"]))
     with pytest.raises(ConfigError, match="unfrozen_parameters chooses what trains in full fine-tuning"):
         _cfg(tmp_path, tiny_chat_dir, small_data, unfrozen_parameters=["^lm_head"])
+
+
+def test_early_stopping_and_load_best_model_at_end(tmp_path, tiny_chat_dir, small_data, monkeypatch):
+    """early_stopping_patience stops once eval_loss has not improved for that many evaluations in a row;
+    with load_best_model_at_end the export is the best evaluation's checkpoint (kept by rotation), not
+    the last step's. The evaluation values are given (the metric is patched); the rules are HF's."""
+    from jaxtune import train, trainer
+    from jaxtune.checkpoint.resume import Checkpoints
+
+    real = trainer.Trainer.evaluate
+
+    def given(values):
+        it = iter(values)
+        monkeypatch.setattr(trainer.Trainer, "evaluate", lambda self: {**real(self), "eval_loss": next(it)})
+
+    said = []
+    monkeypatch.setattr(trainer, "warn", said.append)
+    keys = dict(eval_steps=2, save_steps=2, lr_scheduler="constant_with_warmup")
+    given([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
+    result = train.run(_cfg(tmp_path, tiny_chat_dir, small_data, max_steps=12, save_total_limit=1,
+                            early_stopping_patience=2, load_best_model_at_end=True, **keys))
+    evals = [r for r in _records(tmp_path / "out") if "eval_loss" in r]
+    assert [(r["step"], r["eval_loss"]) for r in evals] == [(2, 3.0), (4, 2.0), (6, 2.5), (8, 2.6)]
+    assert result.last["step"] == 8 and any("has not improved for 2 evaluations" in s for s in said)
+    # save_total_limit 1 keeps the newest checkpoint, and the best one (step 4) besides
+    assert sorted(int(p.name) for p in (tmp_path / "out" / "checkpoints").iterdir()) == [4, 8]
+    checkpoints = Checkpoints(tmp_path / "out" / "checkpoints")
+    assert checkpoints.read_meta(8)["best_model"]["saved"] == [2.0, 4]
+    checkpoints.close()
+    # the exported adapter is step 4's: the same run stopped at step 4 exports the same weights
+    given([3.0, 2.0])
+    train.run(_cfg(tmp_path / "four", tiny_chat_dir, small_data, max_steps=4, load_best_model_at_end=False, **keys))
+    exported = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    four = load_file(str(tmp_path / "four" / "out" / "adapter" / "adapter_model.safetensors"))
+    assert exported.keys() == four.keys()
+    for k in four:
+        np.testing.assert_allclose(exported[k], four[k], atol=1e-6, err_msg=k)
+    with pytest.raises(JaxtuneError, match="early_stopping_patience needs evaluations"):
+        train.run(_cfg(tmp_path / "x", tiny_chat_dir, small_data, early_stopping_patience=2, val_set_size=0,
+                       eval_steps=None))

@@ -11,7 +11,8 @@ multi-host save) and restore onto whatever mesh the resuming run has.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
 (even SIGKILL) during a save leaves the previous checkpoints as they were, and `latest()` never
-returns a half-written one. `save_total_limit` keeps the newest N.
+returns a half-written one. `save_total_limit` keeps the newest N, and the `protected` one (the best
+evaluation's, when the run exports it at the end) besides.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from jaxtune.errors import JaxtuneError
 class Checkpoints:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None):
         self.directory = Path(directory).resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
+        self.max_to_keep = max_to_keep
+        self.protected: int | None = None  # a step rotation keeps (the best evaluation's)
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest(self) -> int | None:
@@ -42,6 +44,11 @@ class Checkpoints:
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self._manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
+        if self.max_to_keep:
+            steps = sorted(self.steps())
+            for old in steps[:-self.max_to_keep]:
+                if old != self.protected:
+                    self._manager.delete(old)
 
     def restore(self, step: int, like: dict[str, object]) -> tuple[dict, dict]:
         """The items named in `like` (trees of arrays giving the shapes, dtypes and shardings to

@@ -59,6 +59,7 @@ DEPRECATED_KEYS: dict[str, dict[str, str | tuple[str, Callable[[Any], Any]]]] = 
         "sequence_parallel_degree": "context_parallel_size",
         "dpo_beta": "rl_beta",
         "evaluation_strategy": "eval_strategy",
+        "dataset_num_proc": "dataset_processes",
     },
     "dataset": {
         "train_on_split": "split",

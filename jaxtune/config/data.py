@@ -149,6 +149,10 @@ class DataKeys(Section):
     tokens: list[str] | None = Field(None, description="New tokens to add to the vocabulary.")
     dataset_prepared_path: str | None = Field(None, description="Cache directory of tokenized (packed) data.")
     dataset_processes: int | None = Field(None, ge=1, description="Tokenization processes (default: CPU count).")
+    min_sample_len: int | None = Field(None, ge=1, description="Drop SFT rows of fewer tokens than this (Axolotl's "
+                                       "filter; rows with no trained token are always dropped).")
+    dataset_exact_deduplication: bool | None = Field(None, description="Drop rows identical (after tokenization) to "
+                                                     "an earlier one, and eval rows identical to a training row.")
 
     @model_validator(mode="after")
     def _check_data(self) -> DataKeys:

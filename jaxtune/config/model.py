@@ -43,6 +43,8 @@ class ModelKeys(Section):
         None, description="Compute the loss from the hidden states and the LM head in token chunks, never the "
         "whole [batch, seq, vocab] logits (default: on; same values, far less memory).")
     use_cut_cross_entropy: bool | None = Field(None, description="Axolotl's name for chunked_cross_entropy.")
+    reinit_weights: bool | None = Field(None, description="Train from random weights (drawn as transformers "
+                                        "initialises the architecture), not the checkpoint's.")
     unfrozen_parameters: list[str] | None = Field(
         None, description="Full fine-tuning of only the parameters whose HF names match one of these regexes "
         "(Axolotl's rules: matched from the start, dots literal, an optional [start:end] range of rows); the "
@@ -87,6 +89,15 @@ class ModelKeys(Section):
             return "auto"
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_in_4bit(cls, data):
+        if isinstance(data, dict) and data.get("adapter") == "lora" and data.get("load_in_4bit"):
+            # Axolotl loads the base in 4 bits under a plain LoRA adapter too: that is QLoRA
+            warn_once("adapter: lora with load_in_4bit: true is QLoRA: the frozen kernels are stored as NF4")
+            data = {**data, "adapter": "qlora"}
+        return data
+
     @model_validator(mode="after")
     def _check_model(self) -> ModelKeys:
         if None not in (self.chunked_cross_entropy, self.use_cut_cross_entropy) and \
@@ -111,6 +122,8 @@ class ModelKeys(Section):
                           "parameter trains (full fine-tuning)")
         elif self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear:
             raise ValueError("an adapter needs lora_target_modules or lora_target_linear: true")
+        if self.reinit_weights and self.adapter:
+            raise ValueError("reinit_weights trains from random weights: it needs full fine-tuning (no adapter)")
         if self.unfrozen_parameters and self.adapter:
             raise ValueError("unfrozen_parameters chooses what trains in full fine-tuning; with an adapter, train "
                              "embeddings or the head fully with lora_modules_to_save")

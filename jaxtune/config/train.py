@@ -46,7 +46,10 @@ class TrainKeys(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="Rows per eval step (default: micro_batch_size).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is "
                                              "normalized by the trained tokens of all of them together.")
-    num_epochs: int = Field(1, ge=1, description="Passes over the training set.")
+    num_epochs: float = Field(1, gt=0, description="Passes over the training set (a fraction trains that share of "
+                              "an epoch's steps, rounded up).")
+    curriculum_sampling: bool | None = Field(None, description="Read the rows in their prepared order every epoch "
+                                             "instead of shuffling them (Axolotl's sequential sampler).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     optimizer: str = Field("adamw_torch_fused", description="Optimizer by Axolotl/HF name: "
@@ -79,6 +82,16 @@ class TrainKeys(Section):
                                         "evaluation during or after training, as in Axolotl).")
     eval_strategy: Literal["steps", "epoch", "no"] | None = Field(None, description="When to evaluate (default: "
                                                                   "steps when eval_steps is set, else epoch).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop once metric_for_best_model has not "
+                                                "improved for this many evaluations in a row (HF's "
+                                                "EarlyStoppingCallback); the run ends as at its last step.")
+    load_best_model_at_end: bool | None = Field(
+        None, description="Export the checkpoint with the best metric_for_best_model instead of the last step's. "
+        "Unset: on when (as in Axolotl) there is an eval set and save_steps is a multiple of eval_steps.")
+    metric_for_best_model: str | None = Field(None, description="The eval metric early stopping and "
+                                              "load_best_model_at_end compare (default eval_loss).")
+    greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better "
+                                           "(default: false for names ending in loss, true otherwise).")
     # checkpoints
     save_strategy: Literal["steps", "epoch", "no"] | None = Field(None, description="When to save a checkpoint "
                                                                   "(default: steps when save_steps/saves_per_epoch "

@@ -114,7 +114,8 @@ def cache_key(cfg: Config, tokenizer) -> str:
     data_keys = ["dataset_weights", "shuffle_merged_datasets", "val_set_size", "dataset_shard_num",
                  "dataset_shard_idx", "seed", "sequence_len", "excess_length_strategy", "sample_packing",
                  "eval_sample_packing", "train_on_inputs", "chat_template", "chat_template_jinja", "eot_tokens",
-                 "special_tokens", "tokens", "rl", "prefix_sharing", "kto_loss_type"]
+                 "special_tokens", "tokens", "rl", "prefix_sharing", "kto_loss_type", "min_sample_len",
+                 "dataset_exact_deduplication"]
     payload = {
         "version": CACHE_VERSION,
         "config": {k: getattr(cfg, k) for k in data_keys},
@@ -255,6 +256,32 @@ def _example_length_policy(ds, kind: str, cfg: Config, where: str, stats: dict):
     return _drop_untrained(ds, trains, where, stats)
 
 
+def _drop_short(ds, minimum: int, kind: str, where: str):
+    """Axolotl's min_sample_len: SFT rows of fewer than `minimum` tokens go."""
+    if kind != "sft":
+        warn_once(f"min_sample_len applies to SFT rows; {where} holds {kind} rows: no effect there")
+        return ds
+    keep = np.flatnonzero([len(ids) >= minimum for ids in ds["input_ids"]])
+    if len(keep) < len(ds):
+        info(f"{where}: {len(ds) - len(keep)} rows shorter than min_sample_len={minimum} tokens were dropped")
+        ds = ds.select(keep)
+    return ds
+
+
+def _deduplicate(ds, seen: set[bytes], where: str):
+    """dataset_exact_deduplication: rows equal, column by column after tokenization, to one seen before go."""
+    keep = []
+    for i, row in enumerate(ds):
+        digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(i)
+    if len(keep) < len(ds):
+        info(f"{where}: {len(ds) - len(keep)} duplicate rows were dropped (dataset_exact_deduplication)")
+        ds = ds.select(keep)
+    return ds
+
+
 def _mix(parts: list, weights: list[float] | None, seed: int):
     """Concatenate datasets; with weights, each contributes round(share * total) rows (subsampled
     without replacement, or repeated whole plus a sample when its share exceeds its size)."""
@@ -333,6 +360,8 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
             raw = sources.load_rows(entry, i)
             ds = _tokenize(raw, encoder, where, processes, entry.preprocess_shards)
             ds = _length_policy(ds, encoder.kind, cfg, where, stats)
+            if cfg.min_sample_len:
+                ds = _drop_short(ds, cfg.min_sample_len, encoder.kind, where)
             stats.setdefault("rows", {})[where] = len(ds)
             parts.append(ds)
             kinds.add(encoder.kind)
@@ -349,12 +378,17 @@ def _build(cfg: Config, tokenizer, processes: int) -> tuple[object, object | Non
         train = train.shuffle(seed=cfg.seed).flatten_indices()
     if cfg.dataset_shard_num:
         train = train.shard(cfg.dataset_shard_num, cfg.dataset_shard_idx or 0, contiguous=True)
+    seen: set[bytes] = set()
+    if cfg.dataset_exact_deduplication:  # as Axolotl: before the eval split; test rows also against train
+        train = _deduplicate(train, seen, "datasets")
     evaluation = None
     if cfg.test_datasets:
         eval_parts, eval_kind = encode_entries(cfg.test_datasets, "test_datasets")
         if eval_kind != kind:
             raise JaxtuneError(f"test_datasets hold {eval_kind} rows but datasets hold {kind} rows")
         evaluation = datasets.concatenate_datasets(eval_parts)
+        if cfg.dataset_exact_deduplication:
+            evaluation = _deduplicate(evaluation, seen, "test_datasets")
     elif cfg.val_set_size:
         size = cfg.val_set_size
         n_eval = int(round(size * len(train))) if size < 1 else int(size)
