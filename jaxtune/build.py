@@ -141,18 +141,18 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None
         if cfg.lora_model_dir:
             spec = lora.load_adapter(model, bundled.resolve(cfg.lora_model_dir), dropout=cfg.lora_dropout)
             info(f"continuing the adapter in {cfg.lora_model_dir} (r={spec.r}, alpha={spec.alpha:g})")
-            _warn_adapter_overrides(cfg, spec)
+            _warn_adapter_overrides(cfg, spec, tuple(lora.lora_targets(model)))
         else:
-            spec = lora.LoraSpec.from_config(cfg)
+            spec = lora.LoraSpec.from_config(cfg, tuple(lora.lora_targets(model)))
             lora.add_lora(model, spec, key)
         if spec.modules_to_save:
             _float_modules(model, spec, precision)
     return model, spec, precision
 
 
-def _warn_adapter_overrides(cfg, spec) -> None:
+def _warn_adapter_overrides(cfg, spec, linear: tuple[str, ...]) -> None:
     """With lora_model_dir the adapter's own r/alpha/targets/... apply; name config keys that differ."""
-    given = lora.LoraSpec.from_config(cfg)
+    given = lora.LoraSpec.from_config(cfg, linear)
     fields = {"lora_r": "r", "lora_alpha": "alpha", "peft_use_rslora": "use_rslora",
               "peft_layers_to_transform": "layers", "lora_modules_to_save": "modules_to_save"}
     differ = [key for key, f in fields.items() if key in cfg.model_fields_set and getattr(given, f) != getattr(spec, f)]
@@ -169,5 +169,5 @@ def _warn_adapter_overrides(cfg, spec) -> None:
 def _float_modules(model, spec, precision: Precision) -> None:
     """modules_to_save train: store them in the trainable dtype."""
     for name in lora.modules_to_save_names(model, spec):
-        var = model.embed_tokens.embedding if name == "embed_tokens" else model.lm_head.kernel
+        var = model.embedder.embedding if name == "embed_tokens" else model.head.kernel
         var.set_value(var.get_value().astype(jnp.dtype(precision.trainable)))

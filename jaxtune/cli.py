@@ -117,6 +117,7 @@ def _check_sources(cfg) -> list[str]:
     from jaxtune import bundled
     from jaxtune.checkpoint.hf import check_remote_code, read_hf_config
     from jaxtune.errors import JaxtuneError
+    from jaxtune.models import family_for
 
     lines = []
     model = str(cfg.base_model or "")
@@ -127,6 +128,12 @@ def _check_sources(cfg) -> list[str]:
     elif Path(model).is_dir():
         _, architecture = read_hf_config(model)  # names a missing config.json or an unsupported architecture
         check_remote_code(model, cfg.trust_remote_code)
+        targets = family_for(architecture).LORA_TARGETS
+        if cfg.adapter and isinstance(cfg.lora_target_modules, list):
+            unknown = [t for t in cfg.lora_target_modules if t not in targets]
+            if unknown:
+                raise JaxtuneError(f"lora_target_modules: {', '.join(unknown)} are not projections of "
+                                   f"{architecture}'s layers; it has {', '.join(targets)}")
         lines.append(f"base_model: {model} ({architecture})")
     elif re.fullmatch(_HUB_ID, model):
         lines.append(f"base_model: {model} is a Hugging Face hub id, not a local directory: jaxtune downloads nothing "

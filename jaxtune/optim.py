@@ -191,12 +191,10 @@ def blockwise_moments(inner: optax.GradientTransformation) -> optax.GradientTran
 
 # ---- Muon with Axolotl's parameter split ----------------------------------------------------------------
 def _muon_leaf(path: str, ndim: int) -> bool:
-    """Axolotl's split: Muon for weight matrices; AdamW for embeddings, the head, modules_to_save and
-    vectors (norms, biases). Stacked layers carry a leading layer axis, so a matrix there has 3 dims."""
-    stacked = path.startswith("layers/")
-    if any(name in path for name in ("embed_tokens", "lm_head", "modules_to_save")):
-        return False
-    return ndim - (1 if stacked else 0) >= 2
+    """Axolotl's split: Muon for the layers' weight matrices; AdamW for embeddings, the head and vectors
+    (norms, biases). The only matrices outside the (stacked) layers are the embedding and the head, in
+    every family; a stacked layer's matrix has a leading layer axis (3 dims)."""
+    return path.startswith("layers/") and ndim - 1 >= 2
 
 
 def muon(cfg, lr) -> optax.GradientTransformation:
@@ -212,8 +210,7 @@ def muon(cfg, lr) -> optax.GradientTransformation:
     def dims(params):  # the last two axes are (input, output): Flax kernels are [..., in, out]
         return jax.tree.map(lambda x: MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1), params)
 
-    adam_decay = lambda params: param_labels(params, lambda p: decays(p) and not any(  # noqa: E731
-        name in p for name in ("embed_tokens", "lm_head", "modules_to_save")))
+    adam_decay = lambda params: param_labels(params, lambda p: decays(p) and p.startswith("layers/"))  # noqa: E731
     muon_decay = lambda params: param_labels(params, decays)  # noqa: E731
     return optax.multi_transform({
         "muon": optax.contrib.muon(lr, beta=0.95, nesterov=True, weight_decay=cfg.weight_decay,

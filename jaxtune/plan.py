@@ -107,10 +107,11 @@ def _abstract_state(cfg):
     mcfg = load_model_config(path)
     precision = resolve_precision(cfg)
     param_dtype = precision.frozen if cfg.adapter else precision.trainable
-    spec = lora.LoraSpec.from_config(cfg) if cfg.adapter else None
+    family = family_for(mcfg.architecture)
+    spec = lora.LoraSpec.from_config(cfg, tuple(family.LORA_TARGETS)) if cfg.adapter else None
 
     def build():
-        model = family_for(mcfg.architecture).CausalLM(
+        model = family.CausalLM(
             mcfg, dtype=np.dtype(precision.compute), param_dtype=np.dtype(param_dtype), rngs=nnx.Rngs(0),
             attn_implementation=resolve_attention(cfg), remat=resolve_remat(cfg))
         if spec is not None:
@@ -156,7 +157,7 @@ def _state_bytes(state, mesh, exclude=(), nf4: bool = False) -> int:
 def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int) -> int:
     """Estimated activation memory of one micro-batch's forward and backward, per device.
 
-    Per token and layer the backward keeps (models/llama.py's remat policies): with `none` the
+    Per token and layer the backward keeps (models/stack.py's remat policies): with `none` the
     named projections (q, k, v, the attention output, the mid-layer residual, the MLP's gate and
     up: `SAVED_ACTIVATIONS`), with `dots` also the o/down projections, with `full` nothing; every
     policy keeps the layer's input (the scan's carry), and attention backends with their own VJP

@@ -67,6 +67,7 @@ def jaxtune_model(config: dict, *, lora: bool, attention: str = "auto"):
     from jaxtune.kernels.attention import best_backend
     from jaxtune.models import family_for
     from jaxtune.peft import lora as peft_lora
+    from jaxtune.models.llama import LORA_TARGETS
 
     family = family_for("LlamaForCausalLM")
     mcfg = family.config_from_hf(LlamaConfig(**config), "LlamaForCausalLM", json.dumps(config))
@@ -75,7 +76,7 @@ def jaxtune_model(config: dict, *, lora: bool, attention: str = "auto"):
                             attn_implementation=best_backend() if attention == "auto" else attention)
     spec = None
     if lora:
-        spec = peft_lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(peft_lora.LINEAR_PATHS))
+        spec = peft_lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS))
         peft_lora.add_lora(model, spec, jax.random.key(SEED))
     return model, spec
 

@@ -213,6 +213,13 @@ def mean_prompt_tokens(steps: int) -> float:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def _summary(r: dict) -> dict:
+    """Mean seconds per step after the first, split rollout / reward / train, and rollout tokens/s."""
+    step, rollout, reward = (statistics.mean(r[k]) for k in ("step_s", "rollout_s", "reward_s"))
+    return {"step": step, "rollout": rollout, "reward": reward, "train": step - rollout - reward,
+            "tok_s": sum(r["tokens"]) / sum(r["rollout_s"])}
+
+
 def run_worker(name: str, args) -> dict:
     return run_script_worker(__file__, name, ["--work", args.work, "--steps", str(args.steps),
                                               "--row-len", str(args.row_len)])

@@ -54,12 +54,13 @@ def worker(args) -> dict:
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
+    from jaxtune.models.llama import LORA_TARGETS
     from jaxtune.trainer import make_train_step
 
     chunked, attn = COMBOS[args.combo]
     model = load_model(args.model, dtype="float32", param_dtype="float32", attn_implementation=attn, remat="full")
     model.chunked_loss = chunked
-    spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(lora.LINEAR_PATHS))
+    spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS))
     lora.add_lora(model, spec, jax.random.key(SEED))
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
     del model

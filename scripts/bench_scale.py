@@ -39,13 +39,14 @@ def worker(args) -> dict:
     from jaxtune.optim import build_optimizer
     from jaxtune.parallel import mesh as M
     from jaxtune.peft import lora
+    from jaxtune.models.llama import LORA_TARGETS
     from jaxtune.trainer import make_train_step
 
     n = jax.device_count()
     gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if gpu else "float32"
     model = load_model(args.model, dtype=dtype, param_dtype=dtype, attn_implementation=best_backend(), remat="full")
-    spec = lora.LoraSpec(r=8, alpha=16, targets=tuple(lora.LINEAR_PATHS))
+    spec = lora.LoraSpec(r=8, alpha=16, targets=tuple(LORA_TARGETS))
     lora.add_lora(model, spec, jax.random.key(0))
     cfg = model.cfg
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)

@@ -108,13 +108,14 @@ def worker_jaxtune(mode: str, args) -> dict:
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
+    from jaxtune.models.llama import LORA_TARGETS
     from jaxtune.trainer import make_train_step
 
     t0 = time.perf_counter()
     model = load_model(args.model, dtype="float32", param_dtype="float32", remat="none")
     spec = None
     if mode == "lora":
-        spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(lora.LINEAR_PATHS))
+        spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS))
         lora.add_lora(model, spec, jax.random.key(SEED))
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
     del model

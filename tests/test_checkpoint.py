@@ -108,11 +108,12 @@ def test_error_missing_config(tmp_path):
 def test_error_unsupported_architecture_lists_supported(tmp_path):
     def edit(d):
         cfg = json.loads((d / "config.json").read_text())
-        cfg["architectures"] = ["GPTNeoXForCausalLM"]
+        cfg["architectures"] = ["FalconForCausalLM"]
         (d / "config.json").write_text(json.dumps(cfg))
 
     msg = _error(tmp_path, edit)
-    assert "GPTNeoXForCausalLM" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert "'FalconForCausalLM' is not supported" in msg and "GPTNeoXForCausalLM" in msg and "LlamaForCausalLM" in msg \
+        and "Qwen3ForCausalLM" in msg
 
 
 def test_error_corrupted_safetensors(tmp_path):

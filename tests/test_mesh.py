@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
             model = load_model(path, attn_implementation="blockwise")
         wrt = nnx.Param
         if adapter:
-            spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.LINEAR_PATHS))
+            spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.lora_targets(model)))
             lora.add_lora(model, spec, jax.random.key(0))
             wrt = lora.trainable_filter(model, spec)
         graphdef, trainable, frozen = nnx.split(model, wrt, ...)
@@ -103,10 +103,10 @@ def tiny8(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("mesh"), cfg, "tiny8")
 
 
-@pytest.mark.parametrize("adapter", ["lora", "full", "qlora"])
-def test_mesh_training_equals_single_device(tiny8, adapter):
+def _mesh_runs(path, adapter) -> dict:
+    """Each mesh's run of SCRIPT (8 forced CPU devices) checked against the single-device run."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny8), adapter], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), adapter], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -116,6 +116,25 @@ def test_mesh_training_equals_single_device(tiny8, adapter):
         for got, want in zip(run["losses"], single["losses"]):
             assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (name, run["losses"], single["losses"])
     assert all(r["ring_calls"] == 0 for n, r in result.items() if n != "fsdp4_sequence2")
+    return result
+
+
+def test_gpt_neox_mesh_training_equals_single_device(tmp_path):
+    """The GPT-NeoX family (fused interleaved QKV, parallel residual, partial RoPE) on the same meshes:
+    fsdp, fsdp x sequence (ring attention), data x fsdp x tensor, ZeRO-2 with offload."""
+    from transformers import GPTNeoXConfig
+
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)
+    result = _mesh_runs(save_tiny(tmp_path, cfg, "neox8"), "lora")
+    assert result["fsdp4_sequence2"]["ring_calls"] > 0
+    qkv = "[1]['layers']['attention']['query_key_value']['kernel'].value"
+    assert result["data2_fsdp2_tensor2"]["specs"][qkv][0] == [None, "fsdp", "tensor"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full", "qlora"])
+def test_mesh_training_equals_single_device(tiny8, adapter):
+    result = _mesh_runs(tiny8, adapter)
     if adapter == "qlora":  # NF4 blocks: the flat block axis over fsdp where it divides
         codes = "[1]['layers']['mlp']['down_proj']['kernel'].value.codes"
         assert result["fsdp8"]["specs"][codes][0] == [None, "fsdp"]

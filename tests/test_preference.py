@@ -334,9 +334,10 @@ def test_adapters_off_reference_equals_the_base_model(tiny96):
     from jaxtune.checkpoint.hf import load_model
     from jaxtune.objectives.reference import initial_copy, reference_model
     from jaxtune.peft import lora
+    from jaxtune.models.llama import LORA_TARGETS
 
     model = load_model(tiny96)
-    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.LINEAR_PATHS), modules_to_save=("lm_head",))
+    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(LORA_TARGETS), modules_to_save=("lm_head",))
     lora.add_lora(model, spec, jax.random.key(0))
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
     ref_params = initial_copy(trainable, fresh_adapters=True)
@@ -429,7 +430,7 @@ def batch(i):  # 8 rows of packed pairs with shared prompts (and padding rows), 
 
 def run(plan):
     model = load_model(sys.argv[1], attn_implementation="blockwise")
-    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.LINEAR_PATHS))
+    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(lora.lora_targets(model)))
     lora.add_lora(model, spec, jax.random.key(0))
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
     optimizer, schedule = build_optimizer(build_config({"optimizer": "adamw_torch", "learning_rate": 5e-3,

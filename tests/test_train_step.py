@@ -89,47 +89,46 @@ def _torch_steps(model, params, batches, decay_names=None):
 
 
 def test_lora_steps_match_peft(tiny_dir):
+    check_lora_steps_match_peft(tiny_dir, TARGETS)
+
+
+def check_lora_steps_match_peft(model_dir, targets: list[str]) -> None:
+    """Three LoRA steps (rsLoRA, non-zero B so A and B both learn from step one) on `targets` (PEFT's
+    module names, any family) against PEFT + torch AdamW on the same weights and batches."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = load_model(tiny_dir)
-    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(TARGETS), use_rslora=True)
+    model = load_model(model_dir)
+    spec = lora.LoraSpec(r=4, alpha=8, targets=tuple(targets), use_rslora=True)
     lora.add_lora(model, spec, jax.random.key(1))
-    # Non-zero B so both A and B get gradients from the first step.
     for i, linear in enumerate(lora.layer_linears(model).values()):
         b = linear.lora_b.get_value()
         linear.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(10 + i), b.shape))
-
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0,
                                                  use_rslora=True))
+
+    def peft_name(name, layer, kind):
+        return f"base_model.model.{lora.module_path(model, name, layer)}.{kind}.default.weight"
+
     named = dict(peft_model.named_parameters())
     with torch.no_grad():
         for name, linear in lora.layer_linears(model).items():
-            parent = lora.LINEAR_PATHS[name]
-            for layer in range(2):
-                prefix = f"base_model.model.model.layers.{layer}.{parent}.{name}"
-                named[f"{prefix}.lora_A.default.weight"].copy_(torch.tensor(np.asarray(linear.lora_a[...][layer]).T))
-                named[f"{prefix}.lora_B.default.weight"].copy_(torch.tensor(np.asarray(linear.lora_b[...][layer]).T))
+            for layer in range(model.cfg.num_layers):
+                named[peft_name(name, layer, "lora_A")].copy_(torch.tensor(np.asarray(linear.lora_a[...][layer]).T))
+                named[peft_name(name, layer, "lora_B")].copy_(torch.tensor(np.asarray(linear.lora_b[...][layer]).T))
     batches = [_batch(0), _batch(1), _batch(2)]
     before = _adapters(model)
     ours, _ = _jax_steps(model, lora.trainable_filter(model, spec), batches, OPTIM)
-    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    theirs = _torch_steps(peft_model, trainable, batches)
+    theirs = _torch_steps(peft_model, [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad], batches)
     np.testing.assert_allclose(ours, theirs, rtol=LOSS_RTOL)
     named = dict(peft_model.named_parameters())
-    reference = {}
-    for name in lora.layer_linears(model):
-        parent = lora.LINEAR_PATHS[name]
-        for layer in range(2):
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{name}"
-            for kind in ("lora_A", "lora_B"):
-                reference[(name, layer, kind)] = named[f"{prefix}.{kind}.default.weight"].detach().numpy().T
     after = _adapters(model)
-    assert_updates_close(list(before.values()), list(after.values()), [reference[k] for k in after], lr=LR,
-                         steps=len(batches), names=[str(k) for k in after])
+    reference = [named[peft_name(*key)].detach().numpy().T for key in after]
+    assert_updates_close(list(before.values()), list(after.values()), reference, lr=LR, steps=len(batches),
+                         names=[str(k) for k in after])
 
 
 def _adapters(model) -> dict:

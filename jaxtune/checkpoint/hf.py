@@ -172,7 +172,7 @@ def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="
         var.set_value(place(ppath, host, var.get_metadata()["out_sharding"]))
         del host
     unknown = sorted(n for n in set(reader.names()) - used if not n.endswith(_IGNORED_SUFFIXES)
-                     and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+                     and not (cfg.tie_word_embeddings and n == family.hf_tensor_name((abstract.HEAD, "kernel"), None)))
     if unknown:
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise ModelLoadError(
@@ -248,7 +248,7 @@ def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
                 return (arr.T if transpose else arr).astype(out_dtype)
 
             name = family.hf_tensor_name(ppath, layer)
-            order = 0 if ppath[0] == "embed_tokens" else (2 if ppath[0] != "layers" else 1)
+            order = 0 if ppath[0] == model.EMBED else (2 if ppath[0] != "layers" else 1)
             entries.append((order, -1 if layer is None else layer, TensorToWrite(name, tuple(shape), out_dtype, produce)))
     entries.sort(key=lambda e: (e[0], e[1], e[2].name))
     return [e[2] for e in entries]

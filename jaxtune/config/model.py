@@ -9,7 +9,6 @@ from pydantic import Field, field_validator, model_validator
 from jaxtune.config.base import Section
 from jaxtune.logging import warn_once
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention names map onto jaxtune's backends (kernels/attention.py); `auto` picks the best.
 ATTN_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "pallas", "cudnn", "eager", "sdpa", "flash_attention_2",
                         "flash_attention_3", "flex_attention", "xformers")
@@ -57,7 +56,8 @@ class ModelKeys(Section):
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | str | None = Field(
-        None, description=f"Projections that get adapters (of {', '.join(LINEAR_MODULES)}); a string is a "
+        None, description="Projections that get adapters, by PEFT module name (the model family's: q_proj ... "
+        "down_proj for Llama, query_key_value / dense / dense_h_to_4h / dense_4h_to_h for GPT-NeoX); a string is a "
         "regular expression over module paths, as in PEFT.")
     lora_target_linear: bool | None = Field(None, description="Adapt every linear projection of the layers.")
     lora_modules_to_save: list[Literal["embed_tokens", "lm_head"]] | None = Field(
@@ -130,11 +130,9 @@ class ModelKeys(Section):
         if self.loraplus_lr_embedding is not None:
             warn_once("loraplus_lr_embedding has no effect: jaxtune puts no LoRA adapters on embeddings (train them "
                       "fully with lora_modules_to_save)")
-        if isinstance(self.lora_target_modules, list):
-            unknown = [m for m in self.lora_target_modules if m not in LINEAR_MODULES]
-            if unknown:
-                hint = " (embeddings and lm_head train fully with lora_modules_to_save)" if any(
-                    m in ("lm_head", "embed_tokens") for m in unknown) else ""
-                raise ValueError(f"lora_target_modules: {', '.join(unknown)} is not a linear projection of the "
-                                 f"layers; choose from {', '.join(LINEAR_MODULES)}{hint}")
+        if isinstance(self.lora_target_modules, list):  # the family's names are checked against the model
+            heads = [m for m in self.lora_target_modules if m in ("lm_head", "embed_tokens", "embed_in", "embed_out")]
+            if heads:
+                raise ValueError(f"lora_target_modules: {', '.join(heads)}: jaxtune puts adapters on the layers' "
+                                 "projections; embeddings and the head train fully with lora_modules_to_save")
         return self

@@ -5,9 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import llama
+from jaxtune.models import gpt_neox, llama
 
-_FAMILIES: dict[str, ModuleType] = {arch: llama for arch in llama.ARCHITECTURES}
+# Each family module gives: ARCHITECTURES, config_from_hf, CausalLM (a models.stack.DecoderLM),
+# hf_tensor_name and LORA_TARGETS. Adding a family is its module and its line here.
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox)
+_FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))
 

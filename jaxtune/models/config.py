@@ -34,6 +34,13 @@ class RopeConfig:
     truncate: bool = True
 
 
+def special_token_ids(hf: Any) -> dict:
+    """bos_token_id / eos_token_ids (a tuple: HF allows a list) / pad_token_id of a transformers config."""
+    eos = getattr(hf, "eos_token_id", None)
+    return {"bos_token_id": getattr(hf, "bos_token_id", None), "pad_token_id": getattr(hf, "pad_token_id", None),
+            "eos_token_ids": tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -44,7 +51,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the norms' epsilon (RMSNorm, or LayerNorm in families that use it)
     max_position_embeddings: int
     rope: RopeConfig
     tie_word_embeddings: bool = False
@@ -52,6 +59,11 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Rotary embedding on the first `rotary_dim` features of each head (None: all of head_dim).
+    rotary_dim: int | None = None
+    # GPT-NeoX: attention and MLP read the same input and add to the residual together.
+    parallel_residual: bool = False
+    hidden_act: str = "silu"
     # One entry per layer: the sliding-window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     bos_token_id: int | None = None

@@ -1,4 +1,4 @@
-"""Layers shared by every model family: parameters with logical axes, Linear, RMSNorm, Embed.
+"""Layers shared by every model family: parameters with logical axes, Linear, RMSNorm, LayerNorm, Embed.
 
 Model code knows no mesh. Each parameter carries logical axis names (`vocab`, `embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`, and `layers` added by the layer stack); `jaxtune.parallel` maps
@@ -144,3 +144,20 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class LayerNorm(nnx.Module):
+    """torch's LayerNorm with a bias: (x - mean) / sqrt(var + eps) * weight + bias, statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, axis: str, dtype: Any, param_dtype: Any):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(jnp.ones((dim,), param_dtype), (axis,))
+        self.bias = param(jnp.zeros((dim,), param_dtype), (axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        centered = xf - mean
+        variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(variance + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)

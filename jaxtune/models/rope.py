@@ -16,6 +16,7 @@ angles match HF's to the last bit where the arithmetic allows:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,41 @@ from jaxtune.errors import ModelLoadError
 from jaxtune.models.config import RopeConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def config_from_hf(hf: Any) -> RopeConfig:
+    """The RopeConfig of a transformers config (`rope_parameters`, or the legacy `rope_scaling`)."""
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    legacy = getattr(hf, "rope_scaling", None)
+    if not params and legacy:
+        params = dict(legacy)
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+    if theta is None:
+        raise ModelLoadError("config.json has no rope_theta (neither in rope_parameters nor at top level)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+
+    def opt_float(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    original = params.get("original_max_position_embeddings")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(theta),
+        factor=opt_float("factor"),
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=opt_float("low_freq_factor"),
+        high_freq_factor=opt_float("high_freq_factor"),
+        attention_factor=opt_float("attention_factor"),
+        beta_fast=opt_float("beta_fast"),
+        beta_slow=opt_float("beta_slow"),
+        mscale=opt_float("mscale"),
+        mscale_all_dim=opt_float("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
 
 
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:

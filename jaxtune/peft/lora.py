@@ -40,10 +40,28 @@ from jaxtune.models import family_for
 from jaxtune.models.layers import Linear
 from jaxtune.parallel.mesh import to_host
 
-# The layers' linear projections by PEFT module name, and where they live in a layer.
-LINEAR_PATHS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_targets(model) -> dict[str, str]:
+    """The family's projections that take adapters (PEFT module name -> where it lives in a layer)."""
+    return family_for(model.cfg.architecture).LORA_TARGETS
+
+
+def module_path(model, name: str, layer: int) -> str:
+    """PEFT's (HF's) module path of a layer's projection, e.g. `model.layers.3.self_attn.q_proj`."""
+    parent = lora_targets(model)[name]
+    ppath = ("layers", *parent.split("."), name, "kernel")
+    return family_for(model.cfg.architecture).hf_tensor_name(ppath, layer).removesuffix(".weight")
+
+
+def _whole_module(model, role: str) -> tuple[str, nnx.Variable, bool]:
+    """A modules_to_save role (embed_tokens / lm_head) as (HF module name, parameter, HF-transposed)."""
+    family = family_for(model.cfg.architecture)
+    if role == "embed_tokens":
+        return (family.hf_tensor_name((model.EMBED, "embedding"), None).removesuffix(".weight"),
+                model.embedder.embedding, False)
+    return family.hf_tensor_name((model.HEAD, "kernel"), None).removesuffix(".weight"), model.head.kernel, True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +82,13 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     @classmethod
-    def from_config(cls, cfg) -> LoraSpec:
+    def from_config(cls, cfg, linear: tuple[str, ...]) -> LoraSpec:
+        """The spec a config asks for; `linear`: the family's projections (lora_target_linear adapts all)."""
         if cfg.lora_target_linear:
-            targets: tuple[str, ...] | str = tuple(LINEAR_PATHS)
+            targets: tuple[str, ...] | str = tuple(linear)
             if cfg.lora_target_modules:
                 extra = [cfg.lora_target_modules] if isinstance(cfg.lora_target_modules, str) else cfg.lora_target_modules
-                targets = tuple(dict.fromkeys(list(targets) + [m for m in extra if m in LINEAR_PATHS]))
+                targets = tuple(dict.fromkeys(list(targets) + [m for m in extra if m in linear]))
         elif isinstance(cfg.lora_target_modules, str):
             targets = cfg.lora_target_modules
         else:
@@ -91,14 +110,15 @@ class LoraSpec:
                    layers=(layers,) if isinstance(layers, int) else (tuple(layers) if layers else None),
                    modules_to_save=tuple(config.get("modules_to_save") or ()))
 
-    def layer_gates(self, name: str, num_layers: int) -> np.ndarray:
+    def layer_gates(self, model, name: str) -> np.ndarray:
         """1.0 for the layers whose `name` projection is adapted, else 0.0."""
+        num_layers = model.cfg.num_layers
         gates = np.zeros(num_layers, np.float32)
         for i in range(num_layers):
             if self.layers is not None and i not in self.layers:
                 continue
             if isinstance(self.targets, str):
-                hit = re.fullmatch(self.targets, f"model.layers.{i}.{LINEAR_PATHS[name]}.{name}") is not None
+                hit = re.fullmatch(self.targets, module_path(model, name, i)) is not None
             else:
                 hit = name in self.targets
             gates[i] = float(hit)
@@ -118,16 +138,27 @@ class LoraSpec:
 
 
 def layer_linears(model) -> dict[str, Linear]:
-    """The stacked layers' projections by PEFT name (q_proj ... down_proj)."""
-    return {name: getattr(getattr(model.layers, parent), name) for name, parent in LINEAR_PATHS.items()}
+    """The stacked layers' projections by PEFT name (the family's LORA_TARGETS)."""
+    out = {}
+    for name, parent in lora_targets(model).items():
+        holder = model.layers
+        for part in parent.split("."):
+            holder = getattr(holder, part)
+        out[name] = getattr(holder, name)
+    return out
 
 
 def add_lora(model, spec: LoraSpec, key: jax.Array):
     """Give each targeted projection fresh adapters (A as PEFT initialises it, B = 0), in place."""
     num_layers = model.cfg.num_layers
+    if not isinstance(spec.targets, str):
+        unknown = [t for t in spec.targets if t not in lora_targets(model)]
+        if unknown:
+            raise JaxtuneError(f"lora target modules {', '.join(unknown)} are not projections of "
+                               f"{model.cfg.architecture}'s layers; it has {', '.join(lora_targets(model))}")
     adapted = 0
     for i, (name, linear) in enumerate(layer_linears(model).items()):
-        gates = spec.layer_gates(name, num_layers)
+        gates = spec.layer_gates(model, name)
         if not gates.any():
             continue
         adapted += 1
@@ -139,7 +170,7 @@ def add_lora(model, spec: LoraSpec, key: jax.Array):
         _attach(linear, spec, a, b, gates, axes)
     if not adapted:
         raise JaxtuneError(f"lora target modules {spec.targets!r} match none of the model's projections "
-                           f"({', '.join(LINEAR_PATHS)})")
+                           f"({', '.join(lora_targets(model))})")
     return model
 
 
@@ -168,20 +199,17 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
             continue
         gates = np.ones(model.cfg.num_layers) if linear.lora_gate is None else to_host(linear.lora_gate[...])
         for layer in np.flatnonzero(gates):
-            base = f"{prefix}model.layers.{layer}.{LINEAR_PATHS[name]}.{name}"
+            base = f"{prefix}{module_path(model, name, int(layer))}"
             for kind, var in (("lora_A", linear.lora_a), ("lora_B", linear.lora_b)):
                 value = var.get_value()
                 shape = value.shape[1:][::-1]
                 tensors.append(TensorToWrite(f"{base}.{kind}.weight", tuple(shape), np.dtype(np.float32),
                                              lambda v=value, i=int(layer): to_host(v[i]).astype(np.float32).T))
-    for module in modules_to_save_names(model, spec):
-        holder = model.embed_tokens if module == "embed_tokens" else model.lm_head
-        var = holder.embedding if module == "embed_tokens" else holder.kernel
+    for role in modules_to_save_names(model, spec):
+        module, var, transpose = _whole_module(model, role)
         value = var.get_value()
-        hf_name = f"{prefix}model.embed_tokens.weight" if module == "embed_tokens" else f"{prefix}lm_head.weight"
-        shape = value.shape if module == "embed_tokens" else value.shape[::-1]
-        transpose = module == "lm_head"
-        tensors.append(TensorToWrite(hf_name, tuple(shape), np.dtype(value.dtype),
+        shape = value.shape[::-1] if transpose else value.shape
+        tensors.append(TensorToWrite(f"{prefix}{module}.weight", tuple(shape), np.dtype(value.dtype),
                                      lambda v=value, t=transpose: to_host(v).T if t else to_host(v)))
     return tensors
 
@@ -189,15 +217,16 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
 def modules_to_save_names(model, spec: LoraSpec) -> list[str]:
     """The fully trained modules; on a tied model embed_tokens and lm_head are one tensor."""
     names = sorted(set(spec.modules_to_save))
-    return ["embed_tokens"] if model.lm_head is None and names else names
+    return ["embed_tokens"] if model.head is None and names else names
 
 
 def save_adapter(model, spec: LoraSpec, out_dir: str | os.PathLike, *, base_model: str | None = None) -> Path:
     """Write `out_dir` as a PEFT adapter directory (atomically)."""
     config = spec.adapter_config(base_model)
     if spec.modules_to_save:
-        config["modules_to_save"] = modules_to_save_names(model, spec)
-        config["ensure_weight_tying"] = model.lm_head is None
+        config["modules_to_save"] = [_whole_module(model, role)[0].rsplit(".", 1)[-1]
+                                     for role in modules_to_save_names(model, spec)]
+        config["ensure_weight_tying"] = model.head is None
     tensors = adapter_tensors(model, spec)
     if jax.process_index() != 0:  # gather with process 0, which writes
         for t in tensors:
@@ -216,6 +245,14 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
     """Attach a PEFT adapter's weights to `model` as trainable adapters; returns its spec."""
     config = read_adapter_config(adapter_dir)
     spec = LoraSpec.from_adapter_config(config, dropout)
+    # modules_to_save by the family's module names (embed_in, lm_head, ...) -> the two roles
+    names = {_whole_module(model, role)[0].rsplit(".", 1)[-1]: role
+             for role in ["embed_tokens"] + (["lm_head"] if model.head is not None else [])}
+    unknown = [m for m in spec.modules_to_save if m not in names]
+    if unknown:
+        raise ModelLoadError(f"{adapter_dir}: modules_to_save {unknown} are not the model's embedding or head "
+                             f"({', '.join(names)})")
+    spec = dataclasses.replace(spec, modules_to_save=tuple(names[m] for m in spec.modules_to_save))
     weights = _read_adapter_weights(adapter_dir)
     num_layers = model.cfg.num_layers
     pairs, whole = _split_adapter_weights(weights)
@@ -224,7 +261,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
         a = np.zeros((num_layers, linear.in_features, spec.r), np.float32)
         b = np.zeros((num_layers, spec.r, linear.out_features), np.float32)
         for layer in range(num_layers):
-            parts = pairs.pop(f"model.layers.{layer}.{LINEAR_PATHS[name]}.{name}", None)
+            parts = pairs.pop(module_path(model, name, layer), None)
             if parts is None:
                 continue
             if set(parts) != {"lora_A", "lora_B"}:
@@ -240,12 +277,13 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
     if pairs:
         raise ModelLoadError(f"{adapter_dir}: adapter modules {', '.join(sorted(pairs)[:3])} match no projection "
                              "of the layers")
+    roles = {f"{module}.weight": (var, transpose) for module, var, transpose in
+             (_whole_module(model, role) for role in (["embed_tokens"] + (["lm_head"] if model.head is not None else [])))}
     for name, value in whole.items():
-        var = model.embed_tokens.embedding if name == "model.embed_tokens.weight" else (
-            model.lm_head.kernel if name == "lm_head.weight" and model.lm_head is not None else None)
-        if var is None:
+        if name not in roles:
             raise ModelLoadError(f"{adapter_dir}: tensor {name} matches no module of the model")
-        new = value if name.startswith("model.embed") else value.T
+        var, transpose = roles[name]
+        new = value.T if transpose else value
         if new.shape != var.get_value().shape:
             raise ModelLoadError(f"{adapter_dir}: {name} has shape {value.shape}, the model's differs")
         var.set_value(jnp.asarray(new, var.get_value().dtype))

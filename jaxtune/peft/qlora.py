@@ -13,16 +13,17 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxtune.models.layers import QuantizedKernel
-from jaxtune.peft.lora import LINEAR_PATHS, layer_linears
+from flax import nnx
+
 from jaxtune.kernels.nf4 import NF4Tensor, nf4_quantize
+from jaxtune.models.layers import Linear, QuantizedKernel
 
 
 def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
     place = place or (lambda _path, host, _axes: jax.device_put(host))
 
     def put(path: tuple[str, ...], host: np.ndarray, axes):
-        if path[0] == "layers" and path[-1] == "kernel" and path[-2] in LINEAR_PATHS:
+        if path[0] == "layers" and path[-1] == "kernel":  # every projection of the layers (as bitsandbytes)
             return nf4_quantize(np.swapaxes(host, -1, -2), block_size=block_size, double_quant=double_quant,
                                 batch_dims=1)
         return place(path, host, axes)
@@ -32,7 +33,9 @@ def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
 
 def mark_quantized(model):
     """Replace kernels holding an NF4Tensor by frozen QuantizedKernel variables (in place)."""
-    for linear in layer_linears(model).values():
+    for _, linear in nnx.iter_graph(model.layers):
+        if not isinstance(linear, Linear):
+            continue
         value = linear.kernel.get_value()
         if isinstance(value, NF4Tensor):
             linear.kernel = QuantizedKernel(value)

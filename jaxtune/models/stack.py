@@ -1,0 +1,299 @@
+"""What every decoder family shares: the layer stack (scan over stacked layers, remat policy, KV
+cache, per-layer windows), the embedding / head plumbing and the losses (`DecoderLM`). A family
+(jaxtune/models/<family>.py) gives its config parsing, its block and its HF names; see DecoderLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.kernels.attention import OWN_VJP, TRACED_WINDOW, attention, cached_attention
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.cache import KVCache
+from jaxtune.models.config import ModelConfig
+from jaxtune.models.layers import Embed, Linear
+
+# What the backward pass keeps of each layer's forward (see jax.checkpoint_policies):
+# - "none" (gradient checkpointing off): every matmul output a layer's backward needs (the named
+#   projections below, the attention output and the mid-layer residual); only elementwise work
+#   (norms, RoPE, SiLU) and, with `xla` attention, the scores are recomputed (backends in OWN_VJP
+#   run outside the remat region and keep their own residuals). Keeping those too, as
+#   plain autodiff does, stores ~3x more per layer and is slower on CPU, where the step is bound by
+#   memory traffic, and it buys no matmul.
+# - "dots": every matmul output without batch dimensions (jax's policy of that name).
+# - "full": nothing; each layer's forward runs again in the backward (least memory).
+SAVED_ACTIVATIONS = ("q", "k", "v", "attention", "residual", "mlp_gate", "mlp_up", "lora_hidden")
+REMAT_POLICIES = {
+    "none": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # "none"'s activations, moved to pinned host memory after the forward and back for the backward
+    # (Axolotl's activation_offloading; jaxtune.build picks it only where devices have host memory).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=SAVED_ACTIVATIONS, offload_src="device",
+        offload_dst="pinned_host"),
+}
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions restarting at 0 where the segment id changes: [1,1,1,2,2,0] -> [0,1,2,0,1,0]."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
+
+def hf_names(base: str, head: str):
+    """The HF name rule of a family whose modules mirror HF's: a parameter path's modules joined under
+    `base` (`model.layers.3.self_attn.q_proj.weight`: `layers` paths need the layer index), the untied
+    head `<head>.weight` at the top, every leaf `weight` but biases."""
+
+    def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
+        *modules, leaf = path
+        hf_leaf = "bias" if leaf == "bias" else "weight"
+        if modules[0] == head:
+            return f"{head}.{hf_leaf}"
+        if modules[0] == "layers":
+            return ".".join([base, "layers", str(layer), *modules[1:], hf_leaf])
+        return ".".join([base, *modules, hf_leaf])
+
+    return hf_tensor_name
+
+
+def stacked_layers(block: type, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    """`cfg.num_layers` blocks with their parameters stacked on a leading `layers` axis (for lax.scan)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs):
+        return block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    return make(rngs)
+
+
+def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, rng=None):
+    """One decoder layer of any family: `block.qkv`, attention (with this layer's cache when decoding),
+    `block.finish`.
+
+    `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v [B, K, S, H]
+    (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache and
+    themselves; their own keys and values are returned for the caller to write into the cache
+    after the layer scan (x, k, v), so that the scan only reads the cache (writing the stacked
+    cache inside the scan made XLA copy all of it at every layer: 10x slower decoding).
+    """
+    r = block.dropout_keys(rng)
+    q, k, v = block.qkv(x, cos, sin, r)
+    if kv is None:
+        out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                        kv_positions=positions, sliding_window=window, implementation=attn_impl)
+        return block.finish(x, out, r), None, None
+    k_cache, v_cache, kv_positions, kv_segments = kv
+    out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
+                           v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+                           q_positions=positions, kv_positions=kv_positions, sliding_window=window,
+                           implementation=attn_impl)
+    return block.finish(x, out, r), k, v
+
+
+class DecoderLM(nnx.Module):
+    """A decoder-only LM over a stack of a family's blocks. `model(input_ids)` -> logits [B, T, vocab].
+
+    A family subclasses it with class attributes: `EMBED`, `FINAL_NORM` and `HEAD` (its HF module
+    names; the head is None when tied to the embedding), `NORM` (the final norm's class) and `BLOCK`,
+    the family's layer, stacked as `layers`: `qkv(x, cos, sin, keys)` (the layer up to attention: q [B, T, N, H], k, v
+    [B, T, K, H]), `finish(x, out, keys)` (after it) and `dropout_keys(rng)`; everything else (the
+    layer scan, remat, the KV cache, per-layer windows, the losses) is shared here.
+
+    Options that change how (not what) it computes are plain attributes: `attn_implementation`
+    (see jaxtune.kernels.attention), `remat` (a key of REMAT_POLICIES) and `chunked_loss` (token
+    log-probabilities through jaxtune.kernels.cross_entropy, without [B, T, vocab] logits).
+    """
+
+    EMBED, FINAL_NORM, HEAD = "embed_tokens", "norm", "lm_head"
+    BLOCK: type
+    NORM: type
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs, attn_implementation: str = "xla", remat: str = "none", chunked_loss: bool = True):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.remat = remat
+        self.chunked_loss = chunked_loss
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        setattr(self, self.EMBED, Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw))
+        self.layers = stacked_layers(self.BLOCK, cfg, rngs=rngs, **kw)
+        setattr(self, self.FINAL_NORM, self.NORM(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="embed", **kw))
+        setattr(self, self.HEAD, None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, **kw))
+
+    @property
+    def embedder(self) -> Embed:
+        return getattr(self, self.EMBED)
+
+    @property
+    def head(self) -> Linear | None:
+        """The untied LM head (None when tied to the embedding)."""
+        return getattr(self, self.HEAD)
+
+    @property
+    def final_norm(self):
+        return getattr(self, self.FINAL_NORM)
+
+    # -- public API ---------------------------------------------------------------------------
+    def __call__(self, input_ids, segment_ids=None, positions=None, *, rng=None) -> jax.Array:
+        """Logits [B, T, vocab] for token ids [B, T]; see `hidden_states` for the arguments."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions, rng=rng))
+
+    def hidden_states(self, input_ids, segment_ids=None, positions=None, *, rng=None) -> jax.Array:
+        """Final-normed hidden states [B, T, D].
+
+        `segment_ids` [B, T] (int, 0 = padding) keep packed samples apart; default: one segment.
+        `positions` [B, T] default to restarting at 0 for each segment. `rng` (training only)
+        drives LoRA dropout; None means no dropout.
+        """
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids
+        positions = positions_from_segments(segment_ids) if positions is None else positions
+        x, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.head is None:
+            return self.embedder.attend(hidden)
+        return self.head(hidden)
+
+    def head_matrix(self) -> tuple[jax.Array, int]:
+        """The LM head as (matrix, vocab axis): the tied embedding [V, D] (axis 0) or lm_head's kernel
+        [D, V] (axis 1), for kernels that take the head itself."""
+        if self.head is None:
+            return self.embedder.embedding[...], 0
+        return self.head.dense_kernel(), 1
+
+    def target_logprobs(self, hidden: jax.Array, targets: jax.Array, *, with_entropy: bool = False):
+        """log p(targets[b, t] | position t) from final hidden states [B, T, D]: [B, T] float32.
+        `with_entropy`: (log-probs, each position's entropy [B, T]), the entropy without gradient."""
+        if not self.chunked_loss:
+            logits = self.logits(hidden).astype(jnp.float32)
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+            if not with_entropy:
+                return logp
+            probs = jax.lax.stop_gradient(jnp.exp(logits - lse[..., None]))
+            return logp, jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
+        from jaxtune.kernels.cross_entropy import linear_token_logprobs
+
+        head, vocab_axis = self.head_matrix()
+        out = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                    vocab_axis=vocab_axis, with_entropy=with_entropy)
+        if with_entropy:
+            return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
+        return out.reshape(targets.shape)
+
+    def target_nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+        """sum over [B, T] of weights * -log p(targets | position): the cross-entropy of the
+        weighted tokens, float32 (with `chunked_loss`, computed without the full logits)."""
+        if not self.chunked_loss:
+            return -jnp.sum(jnp.where(weights != 0, weights * self.target_logprobs(hidden, targets), 0.0))
+        from jaxtune.kernels.cross_entropy import linear_cross_entropy
+
+        head, vocab_axis = self.head_matrix()
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                    weights.reshape(-1), vocab_axis=vocab_axis)
+
+    def decode(self, input_ids, segment_ids, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run `input_ids` [B, T] through the model writing K/V at `cache.index`.
+
+        Returns the final-normed hidden states [B, T, D] and the advanced cache. Used for both the
+        prefill (T = prompt length) and single-token steps (T = 1) of the sampler.
+        """
+        x, cache = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), cache)
+        return self.final_norm(x), cache
+
+    # -- internals ----------------------------------------------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """The layer stack's input (families that scale or normalize the embedding override this)."""
+        return self.embedder(input_ids)
+
+    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None, rng=None):
+        cfg = self.cfg
+        x = self.embed(input_ids)
+        cos, sin = rope_lib.cos_sin(positions, cfg.rope, cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings)
+        # Each layer's window (0 = none) is always passed as a traced scan input, even when no layer
+        # has one: masks that depended only on loop-invariant segment ids and positions were hoisted
+        # out of the layer scan by XLA and stacked over every attention tile, O(T^2) memory
+        # (26.7 GB at 8k tokens with blockwise attention).
+        windows = jnp.asarray([w or 0 for w in cfg.sliding_windows], jnp.int32)
+        # Backends that mask inside their kernel take a static window where every layer has the
+        # same one (cuDNN and splash attention can express only a static window).
+        static = len(set(cfg.sliding_windows)) == 1 and self.attn_implementation not in TRACED_WINDOW
+
+        def layer_window(traced):
+            return cfg.sliding_windows[0] if static else traced
+
+        graphdef, layer_state = nnx.split(self.layers)
+        common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
+
+        if cache is None:
+            keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
+
+            policy = REMAT_POLICIES[self.remat]
+
+            def body(x, xs):
+                state, window, key = xs
+                block = nnx.merge(graphdef, state)
+                x, _, _ = layer_attention(block, x, window=layer_window(window), kv=None, rng=key, **common)
+                return x, None
+
+            def split_body(x, xs):
+                # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
+                # log-sum-exp); only the parts before and after it are under the remat policy.
+                state, window, key = xs
+                r = self.BLOCK.dropout_keys(key)
+                q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
+                                         policy=policy, prevent_cse=False)(state, x)
+                out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                                kv_positions=positions, sliding_window=layer_window(window),
+                                implementation=self.attn_implementation)
+                x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
+                                   policy=policy, prevent_cse=False)(state, x, out)
+                return x, None
+
+            if self.remat != "full" and self.attn_implementation in OWN_VJP:
+                step = split_body
+            else:
+                step = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(step, x, (layer_state, windows, keys))
+            return x, None
+
+        index = cache.index
+
+        def cached_body(x, xs):
+            state, window, k_layer, v_layer = xs
+            block = nnx.merge(graphdef, state)
+            # this layer's cache, materialized: fused into the attention's reductions, the slice of
+            # the stacked cache was indexed element by element
+            k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
+            kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
+            x, k, v = layer_attention(block, x, window=layer_window(window), kv=kv, **common)
+            return x, (k, v)
+
+        x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, cache.k, cache.v))
+
+        def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
+            return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),
+                                                (0, 0, 0, index, 0))
+
+        new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
+                            positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)),
+                            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
+                            index=index + input_ids.shape[1])
+        return x, new_cache

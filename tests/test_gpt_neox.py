@@ -1,0 +1,173 @@
+"""GPT-NeoX (Pythia) behind the family contract: logits of every config switch against transformers,
+a LoRA step against PEFT, HF -> jaxtune -> HF bit-exact, greedy decoding equal to transformers' generate,
+QLoRA trains, the exported adapter loads in PEFT with equal logits; and the contract itself: a family
+is its module plus one line in the registry."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import hf_logits, save_tiny
+from safetensors.numpy import load_file
+from test_train_step import check_lora_steps_match_peft
+from transformers import GPTNeoXConfig
+
+import jaxtune
+from jaxtune.checkpoint.hf import load_model
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+CASES = {
+    "pythia-parallel-partial-rope": dict(),  # rotary_pct 0.25, parallel residual, biases: Pythia's defaults
+    "sequential-residual": dict(use_parallel_residual=False),
+    "full-rope-no-bias": dict(rotary_pct=1.0, attention_bias=False),
+    "gelu-tanh-rope-linear": dict(hidden_act="gelu_new", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "tied": dict(tie_word_embeddings=True, rotary_emb_base=500.0),
+}
+TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+def _config(**kw) -> GPTNeoXConfig:
+    return GPTNeoXConfig(**{**BASE, **kw})
+
+
+@pytest.fixture(scope="module")
+def neox_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("neox"), _config(), "neox")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    path = save_tiny(tmp_path, _config(**CASES[case]), "neox")
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    model, _ = jaxtune.load_pretrained(path)
+    got = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    assert np.abs(got - hf_logits(path, ids)).max() <= 1e-4, case
+
+
+def test_config_switches_are_read(tmp_path):
+    cfg = load_model(save_tiny(tmp_path, _config(use_parallel_residual=False, rotary_pct=0.5), "n")).cfg
+    assert (cfg.architecture, cfg.parallel_residual, cfg.rotary_dim, cfg.head_dim) == \
+        ("GPTNeoXForCausalLM", False, 8, 16)
+    with pytest.raises(jaxtune.errors.ModelLoadError, match="hidden_act 'swish' is not supported for GPT-NeoX"):
+        load_model(save_tiny(tmp_path / "bad", _config(hidden_act="swish"), "n"))
+
+
+def test_round_trip_is_bit_exact(tmp_path, neox_dir):
+    model, _ = jaxtune.load_pretrained(neox_dir)
+    out = jaxtune.save_pretrained(model, tmp_path / "out")
+    before, after = load_file(str(neox_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+
+
+def test_greedy_matches_transformers_generate(neox_dir):
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.generate import Sampler, SamplingConfig
+
+    model, _ = jaxtune.load_pretrained(neox_dir)
+    prompts = [[5, 17, 33, 8], [40, 41, 3, 9, 11, 60]]
+    hf = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    sampler = Sampler(model, eos_token_ids=[2], pad_token_id=0)
+    out = sampler(prompts, SamplingConfig(max_new_tokens=12))  # one batch, left-padded
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2,
+                              pad_token_id=0)
+        assert out.tokens[row, : out.lengths[row]].tolist() == ref[0, len(prompt):].tolist(), prompt
+
+
+def test_lora_steps_match_peft(neox_dir):
+    """LoRA on the fused query_key_value and the other projections, by PEFT's own module names."""
+    check_lora_steps_match_peft(neox_dir, TARGETS)
+
+
+def test_qlora_trains_and_adapter_loads_in_peft(tmp_path, neox_dir):
+    """QLoRA (NF4 projections) on GPT-NeoX through `jaxtune.train`: the loss falls, and the exported PEFT
+    adapter on the base model gives the merged export's logits in transformers + PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune import train
+    from jaxtune.config import build_config
+
+    rows = [{"text": " ".join(str(5 + (i * 7 + j) % 80) for j in range(24))} for i in range(32)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok_dir = tmp_path / "tok"
+    _word_tokenizer(tok_dir)
+    cfg = build_config({"base_model": str(neox_dir), "tokenizer_config": str(tok_dir),
+                        "datasets": [{"path": str(data), "type": "completion"}], "sequence_len": 32,
+                        "adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "lora_r": 8,
+                        "lora_alpha": 16, "micro_batch_size": 4, "max_steps": 20, "learning_rate": 2e-2,
+                        "lr_scheduler": "constant", "output_dir": str(tmp_path / "out"),
+                        "dataset_prepared_path": str(tmp_path / "prep"), "save_strategy": "no"})
+    train.run(cfg)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in l]
+    assert losses[-1] < losses[0] - 0.3, losses
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
+    ids = np.random.default_rng(1).integers(0, 96, (1, 16))
+    merged = hf_logits(tmp_path / "out" / "hf", ids)
+    base = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter"))
+    with torch.no_grad():
+        adapted = peft_model(torch.tensor(ids)).logits.numpy()
+    # the merged export holds the NF4-dequantized base (QLoRA trains against it); the PEFT adapter sits on
+    # the float base: they differ by the NF4 rounding of the base weights, not by the adapter
+    assert np.abs(adapted - merged).max() < 0.05 * np.abs(merged).max()
+
+
+def _word_tokenizer(out: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary: tokens '0' .. '95'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(i): i for i in range(96)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="1", eos_token="2", pad_token="0", unk_token="0")
+    fast.save_pretrained(str(out))
+
+
+def test_a_family_is_its_module_and_one_registry_line():
+    """No module outside jaxtune/models/<family>.py and the registry names a family module or a family's
+    parameter names: the shared code reaches families through the contract (family_for)."""
+    root = Path(jaxtune.__file__).parent
+    from jaxtune.models import FAMILY_MODULES
+
+    names = {f.__name__.rsplit(".", 1)[-1] for f in FAMILY_MODULES}
+    assert names >= {"llama", "gpt_neox"}
+    pattern = re.compile(r"models\.(" + "|".join(names) + r")\b|models import (" + "|".join(names) + r")\b")
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.parent.name != "models" and pattern.search(p.read_text())]
+    assert not offenders, offenders
+    for family in FAMILY_MODULES:
+        for attr in ("ARCHITECTURES", "config_from_hf", "CausalLM", "hf_tensor_name", "LORA_TARGETS"):
+            assert hasattr(family, attr), (family.__name__, attr)
+    with pytest.raises(jaxtune.errors.ModelLoadError, match="supported: GPTNeoXForCausalLM, LlamaForCausalLM"):
+        from jaxtune.models import family_for
+
+        family_for("Phi3ForCausalLM")
+
+
+def test_lora_targets_are_checked_against_the_family(tmp_path, neox_dir, capsys):
+    """Llama's projection names on a GPT-NeoX checkpoint: `jaxtune validate` names the family's own."""
+    from jaxtune.cli import main
+
+    path = tmp_path / "c.yml"
+    path.write_text(f"base_model: {neox_dir}\nadapter: lora\nlora_target_modules: [q_proj, dense]\n"
+                    f"datasets:\n  - path: {tmp_path}\n    type: completion\n")
+    assert main(["validate", str(path)]) == 2
+    assert ("q_proj are not projections of GPTNeoXForCausalLM's layers; it has query_key_value, dense, "
+            "dense_h_to_4h, dense_4h_to_h") in capsys.readouterr().err
