@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_logits, save_tiny
-from safetensors.numpy import load_file
+from families import check_greedy_matches_transformers, check_round_trip_is_bit_exact
 from test_train_step import check_lora_steps_match_peft
 from transformers import GPTNeoXConfig
 
@@ -61,29 +61,11 @@ def test_config_switches_are_read(tmp_path):
 
 
 def test_round_trip_is_bit_exact(tmp_path, neox_dir):
-    model, _ = jaxtune.load_pretrained(neox_dir)
-    out = jaxtune.save_pretrained(model, tmp_path / "out")
-    before, after = load_file(str(neox_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert before.keys() == after.keys()
-    for name in before:
-        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    check_round_trip_is_bit_exact(neox_dir, tmp_path / "out")
 
 
 def test_greedy_matches_transformers_generate(neox_dir):
-    from transformers import AutoModelForCausalLM
-
-    from jaxtune.generate import Sampler, SamplingConfig
-
-    model, _ = jaxtune.load_pretrained(neox_dir)
-    prompts = [[5, 17, 33, 8], [40, 41, 3, 9, 11, 60]]
-    hf = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
-    sampler = Sampler(model, eos_token_ids=[2], pad_token_id=0)
-    out = sampler(prompts, SamplingConfig(max_new_tokens=12))  # one batch, left-padded
-    for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2,
-                              pad_token_id=0)
-        assert out.tokens[row, : out.lengths[row]].tolist() == ref[0, len(prompt):].tolist(), prompt
+    check_greedy_matches_transformers(neox_dir)
 
 
 def test_lora_steps_match_peft(neox_dir):
@@ -155,10 +137,10 @@ def test_a_family_is_its_module_and_one_registry_line():
     for family in FAMILY_MODULES:
         for attr in ("ARCHITECTURES", "config_from_hf", "CausalLM", "hf_tensor_name", "LORA_TARGETS"):
             assert hasattr(family, attr), (family.__name__, attr)
-    with pytest.raises(jaxtune.errors.ModelLoadError, match="supported: GPTNeoXForCausalLM, LlamaForCausalLM"):
+    with pytest.raises(jaxtune.errors.ModelLoadError, match="supported: GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM"):
         from jaxtune.models import family_for
 
-        family_for("Phi3ForCausalLM")
+        family_for("GemmaForCausalLM")
 
 
 def test_lora_targets_are_checked_against_the_family(tmp_path, neox_dir, capsys):

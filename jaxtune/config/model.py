@@ -57,7 +57,8 @@ class ModelKeys(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | str | None = Field(
         None, description="Projections that get adapters, by PEFT module name (the model family's: q_proj ... "
-        "down_proj for Llama, query_key_value / dense / dense_h_to_4h / dense_4h_to_h for GPT-NeoX); a string is a "
+        "down_proj for Llama, query_key_value / dense / dense_h_to_4h / dense_4h_to_h for GPT-NeoX, qkv_proj / "
+        "o_proj / gate_up_proj / down_proj for Phi-3); a string is a "
         "regular expression over module paths, as in PEFT.")
     lora_target_linear: bool | None = Field(None, description="Adapt every linear projection of the layers.")
     lora_modules_to_save: list[Literal["embed_tokens", "lm_head"]] | None = Field(

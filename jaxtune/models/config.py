@@ -16,7 +16,7 @@ from typing import Any
 class RopeConfig:
     """RoPE parameters in HF's vocabulary (`rope_parameters` / `rope_scaling`).
 
-    `rope_type` is one of `default`, `linear`, `dynamic`, `llama3`, `yarn`. The other fields are
+    `rope_type` is one of `default`, `linear`, `dynamic`, `llama3`, `yarn`, `longrope`. The other fields are
     used by the types that need them; see `jaxtune.models.rope`.
     """
 
@@ -32,6 +32,8 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency factors up to the original length
+    long_factor: tuple[float, ...] | None = None  # and beyond it
 
 
 def special_token_ids(hf: Any) -> dict:

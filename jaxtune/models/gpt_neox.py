@@ -72,7 +72,7 @@ class Attention(nnx.Module):
         # [heads, 3, head_dim] flattened: a split at head boundaries keeps each head's q, k and v together
         self.query_key_value = Linear(d, 3 * n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
         self.dense = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, **kw)
-        self.num_heads, self.head_dim, self.rotary_dim = n, h, cfg.rotary_dim or h
+        self.num_heads, self.head_dim = n, h
 
 
 class MLP(nnx.Module):
@@ -86,13 +86,6 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, rngs: tuple) -> jax.Array:
         up = checkpoint_name(self.dense_h_to_4h(x, rngs[0]), "mlp_up")
         return self.dense_4h_to_h(self.act(up), rngs[1])
-
-
-def _partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) -> jax.Array:
-    if rotary_dim == x.shape[-1]:
-        return rope_lib.apply_rope(x, cos, sin)
-    rotated = rope_lib.apply_rope(x[..., :rotary_dim], cos, sin)
-    return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
 
 
 class Block(nnx.Module):
@@ -114,7 +107,7 @@ class Block(nnx.Module):
         b, t, _ = x.shape
         fused = attn.query_key_value(self.input_layernorm(x), r[0]).reshape(b, t, attn.num_heads, 3 * attn.head_dim)
         q, k, v = jnp.split(fused, 3, axis=-1)
-        q, k = _partial_rope(q, cos, sin, attn.rotary_dim), _partial_rope(k, cos, sin, attn.rotary_dim)
+        q, k = rope_lib.apply_partial_rope(q, cos, sin), rope_lib.apply_partial_rope(k, cos, sin)
         return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
 
     def finish(self, x, out, r):

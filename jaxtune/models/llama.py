@@ -110,17 +110,23 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """A pre-norm decoder layer: x += o_proj(attention(...)); x += mlp(norm(x)). Subclasses with fused
+    projections (Phi-3) swap ATTENTION / MLP and `qkv`, and say how many projections take a dropout key
+    (PROJECTIONS) and which is the output projection's (O_KEY; the MLP's follow it)."""
+
+    ATTENTION, MLP, PROJECTIONS, O_KEY = Attention, MLP, 7, 3
+
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         norm_kw = dict(eps=cfg.rms_norm_eps, axis="embed", dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.ATTENTION(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = self.MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    @staticmethod
-    def dropout_keys(rng) -> tuple:
+    @classmethod
+    def dropout_keys(cls, rng) -> tuple:
         """One key per projection (q, k, v, o, gate, up, down), or Nones without dropout."""
-        return (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
+        return (None,) * cls.PROJECTIONS if rng is None else tuple(jax.random.split(rng, cls.PROJECTIONS))
 
     def qkv(self, x, cos, sin, r):
         """The layer up to attention: q [B, T, N, H], k and v [B, T, K, H] (normed, projected, RoPE)."""
@@ -140,8 +146,8 @@ class Block(nnx.Module):
         attn = self.self_attn
         b, t = out.shape[:2]
         out = checkpoint_name(out.reshape(b, t, attn.num_heads * attn.head_dim), "attention")
-        x = checkpoint_name(x + attn.o_proj(out, r[3]), "residual")
-        return x + self.mlp(self.post_attention_layernorm(x), r[4:])
+        x = checkpoint_name(x + attn.o_proj(out, r[self.O_KEY]), "residual")
+        return x + self.mlp(self.post_attention_layernorm(x), r[self.O_KEY + 1:])
 
 
 class CausalLM(DecoderLM):

@@ -24,7 +24,7 @@ import numpy as np
 from jaxtune.errors import ModelLoadError
 from jaxtune.models.config import RopeConfig
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def config_from_hf(hf: Any) -> RopeConfig:
@@ -37,6 +37,8 @@ def config_from_hf(hf: Any) -> RopeConfig:
     if theta is None:
         raise ModelLoadError("config.json has no rope_theta (neither in rope_parameters nor at top level)")
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "su":  # Phi-3's older name
+        rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
             f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -45,7 +47,13 @@ def config_from_hf(hf: Any) -> RopeConfig:
     def opt_float(key: str) -> float | None:
         return None if params.get(key) is None else float(params[key])
 
-    original = params.get("original_max_position_embeddings")
+    original = params.get("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
+    if rope_type == "longrope" and (original is None or not params.get("short_factor") or not params.get("long_factor")):
+        raise ModelLoadError("longrope needs short_factor, long_factor and original_max_position_embeddings")
+
+    def factors(key: str) -> tuple[float, ...] | None:
+        return None if params.get(key) is None else tuple(float(f) for f in params[key])
+
     return RopeConfig(
         rope_type=rope_type,
         theta=float(theta),
@@ -59,6 +67,8 @@ def config_from_hf(hf: Any) -> RopeConfig:
         mscale=opt_float("mscale"),
         mscale_all_dim=opt_float("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
+        short_factor=factors("short_factor"),
+        long_factor=factors("long_factor"),
     )
 
 
@@ -75,6 +85,8 @@ def static_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: in
     inv_freq = _base_inv_freq(rope.theta, head_dim)
     if t in ("default", "dynamic"):
         return inv_freq, 1.0
+    if t == "longrope":  # the short factors' frequencies; cos_sin switches to the long ones past the original
+        return _longrope_inv_freq(rope, head_dim, rope.short_factor), _longrope_scaling(rope, max_position_embeddings)
     if t == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32), 1.0
     if t == "llama3":
@@ -124,6 +136,23 @@ def static_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: in
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
+def _longrope_inv_freq(rope: RopeConfig, dim: int, factors) -> np.ndarray:
+    """1 / (factor_i * theta^(2i/d)), as transformers' longrope."""
+    if len(factors) != dim // 2:
+        raise ModelLoadError(f"longrope has {len(factors)} factors for a rotary dimension of {dim} (needs {dim // 2})")
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.asarray(factors, np.float32) * np.float32(rope.theta) ** exponent)).astype(np.float32)
+
+
+def _longrope_scaling(rope: RopeConfig, max_position_embeddings: int) -> float:
+    """transformers' default attention factor: sqrt(1 + ln(factor) / ln(original)), factor = max / original."""
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    original = rope.original_max_position_embeddings
+    factor = rope.factor if rope.factor is not None else max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def cos_sin(positions: jnp.ndarray, rope: RopeConfig, head_dim: int, max_position_embeddings: int):
     """cos, sin of shape [batch, seq, head_dim] (float32) for integer `positions` [batch, seq]."""
     inv_freq, scaling = static_inv_freq(rope, head_dim, max_position_embeddings)
@@ -135,9 +164,20 @@ def cos_sin(positions: jnp.ndarray, rope: RopeConfig, head_dim: int, max_positio
         )
         exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
         inv = 1.0 / (base**exponent)
+    elif rope.rope_type == "longrope":  # the long factors once this call reaches past the original length
+        long = jnp.asarray(_longrope_inv_freq(rope, head_dim, rope.long_factor))
+        inv = jnp.where(jnp.max(positions) + 1 > rope.original_max_position_embeddings, long, inv)
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def apply_partial_rope(x_bsnh: jnp.ndarray, cos_bsh: jnp.ndarray, sin_bsh: jnp.ndarray) -> jnp.ndarray:
+    """RoPE on the first cos.shape[-1] features of each head (partial_rotary_factor), the rest as is."""
+    rotary = cos_bsh.shape[-1]
+    if rotary == x_bsnh.shape[-1]:
+        return apply_rope(x_bsnh, cos_bsh, sin_bsh)
+    return jnp.concatenate([apply_rope(x_bsnh[..., :rotary], cos_bsh, sin_bsh), x_bsnh[..., rotary:]], axis=-1)
 
 
 def apply_rope(x_bsnh: jnp.ndarray, cos_bsh: jnp.ndarray, sin_bsh: jnp.ndarray) -> jnp.ndarray:
