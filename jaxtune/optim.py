@@ -158,8 +158,8 @@ def _store(x: jax.Array, code: jax.Array):
     if x.size < MIN_8BIT_SIZE:
         return x
     q = quantize_blockwise(x, code)
-    if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):  # eager init: keep the layout
-        q = Blockwise(jnp.full_like(x, 0, dtype=jnp.uint8) + q.codes, q.absmax)
+    if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):  # eager init: codes shard as x
+        q = Blockwise(jax.device_put(q.codes, x.sharding), q.absmax)
     return q
 
 

@@ -80,7 +80,8 @@ class Rollouts:
         self.scale, self.aggregation = s.scale, s.multi_objective_aggregation
         self.mask_truncated, self.skip_zero = s.mask_truncated_completions, s.skip_zero_advantage_batches
         self.loader = BatchLoader(data.train, batch_size=self.shape.prompts, sequence_len=cfg.sequence_len,
-                                  pad_id=self.pad_id, packed=False, pad_to_sequence_len=True, shuffle=True,
+                                  pad_id=self.pad_id, packed=False, pad_to_sequence_len=True,
+                                  shuffle=not cfg.curriculum_sampling,
                                   seed=cfg.seed, shard_index=0, shard_count=1, collate=_keep_rows)
         self.eval_rows = data.eval if data.eval is not None and len(data.eval) else None
         ranks = self.mesh.shape["data"] * self.mesh.shape["fsdp"]

@@ -93,7 +93,8 @@ PLUGIN_KEYS: dict[str, str] = {k: v["plugin"] for k, v in AXOLOTL_KEYS["plugin"]
 NO_EFFECT_KEYS, NOT_SUPPORTED_KEYS = NO_EFFECT["top"], NOT_SUPPORTED["top"]
 
 
-def _is_off(value) -> bool:
+def is_off(value) -> bool:
+    """A key's "not set" values: Axolotl configs write `key: false` / `[]` / `0` for a feature they leave off."""
     return value in (None, False, [], {}, 0, "")
 
 
@@ -116,9 +117,9 @@ def warn_no_effect(data: dict, section: str = "top", fields: Iterable[str] = ())
             reason = f"a key of Axolotl's {module} plugin: {reason}"
         if status is None:
             out[key] = value
-        elif status == "error" and not _is_off(value):
+        elif status == "error" and not is_off(value):
             raise ValueError(f"'{prefix}{key}' is not supported: {reason}")
-        elif status == "no_effect" and not _is_off(value):
+        elif status == "no_effect" and not is_off(value):
             quiet.setdefault(reason, []).append(prefix + key)
     for reason, keys in quiet.items():  # one warning per reason (vLLM's dozen keys say one thing)
         if len(keys) == 1:
@@ -128,7 +129,7 @@ def warn_no_effect(data: dict, section: str = "top", fields: Iterable[str] = ())
     return out
 
 
-def _plugin(entry: str) -> tuple[str, str, str]:
+def plugin_status(entry: str) -> tuple[str, str, str]:
     """(module, status, reason) of a `plugins:` entry such as axolotl.integrations.liger.LigerPlugin."""
     parts = str(entry).split(".")
     if len(parts) >= 4 and parts[:2] == ["axolotl", "integrations"]:
@@ -164,7 +165,7 @@ def map_axolotl_keys(data: dict) -> dict:
         if data.pop("float32"):
             put("bf16", False, "float32: true")
     for entry in data.pop("plugins", None) or []:
-        module, status, reason = _plugin(entry)
+        module, status, reason = plugin_status(entry)
         if status == "error":
             raise ValueError(f"plugins: {entry}: {reason}")
         if status == "mapped" and module == "cut_cross_entropy":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from jaxtune.config.base import (AXOLOTL_KEYS, DEPRECATED_KEYS, MAPPED, NO_EFFECT, NOT_SUPPORTED, PLUGIN_KEYS,
-                                 PLUGIN_MODULES, _plugin)
+                                 PLUGIN_MODULES, is_off, plugin_status)
 
 SECTIONS = ("top", "plugin", "dataset", "dataset_type", "trl")
 STATUSES = ("implemented", "mapped", "no_effect", "error")
@@ -80,14 +80,14 @@ def config_report(data: dict) -> list[str]:
         if len(statuses) != 1 or statuses[0][0] in ("implemented", "error"):
             return
         status, reason = statuses[0]
-        if status == "no_effect" and value in (None, False, [], {}, 0, ""):
+        if status == "no_effect" and is_off(value):
             return
         lines.append(f"{where}{key}: {'mapped' if status == 'mapped' else 'no effect'}: {reason}")
 
     for key, value in data.items():
         if key == "plugins":
             for entry in value or []:
-                module, status, reason = _plugin(entry)
+                module, status, reason = plugin_status(entry)
                 lines.append(f"plugins: {entry}: {status.replace('_', ' ')}: {reason}")
             continue
         report("top", key, value, "")
