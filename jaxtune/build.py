@@ -93,13 +93,17 @@ def reinitialize(model, path, seed: int) -> None:
 
     std = float(read_hf_config(path)[0].get("initializer_range", 0.02))
     key = jax.random.key(seed)
+    # a norm's scale starts where it only normalizes: 1, or 0 for Gemma's 1 + w
+    units = {tuple(str(getattr(p, "key", p)) for p in path): getattr(module, "UNIT_SCALE", 1.0)
+             for path, module in model.iter_modules()}
     for i, (name, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         value = var.get_value()
-        leaf = str(getattr(name[-1], "key", name[-1]))
+        names = tuple(str(getattr(p, "key", p)) for p in name)
+        leaf = names[-1]
         if leaf in ("kernel", "embedding"):
             fresh = std * jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
         elif leaf == "scale":
-            fresh = jnp.ones(value.shape, jnp.float32)
+            fresh = jnp.full(value.shape, units.get(names[:-1], 1.0), jnp.float32)
         else:
             fresh = jnp.zeros(value.shape, jnp.float32)
         var.set_value(jax.device_put(fresh.astype(value.dtype), value.sharding))

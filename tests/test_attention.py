@@ -131,15 +131,25 @@ def _small_tiles(monkeypatch):
         monkeypatch.setitem(attention_mod._PLATFORMS, "pallas", (jax.default_backend(),))
 
 
+# Gemma 2's attention soft cap, small enough that tanh bends the unit-variance scores hard (its own 50
+# leaves them almost linear and would not tell a missing cap or a wrong derivative from a right one).
+SOFTCAP = 0.8
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["causal", "packed", "window"])
+@pytest.mark.parametrize("kind", ["causal", "packed", "window", "softcap"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_backend_matches_reference(backend, kind, dtype, tol, monkeypatch):
+    """Forward and gradients of every backend against the xla reference; "softcap" is the packed case
+    with a window and the soft cap, which the reference applies as the published formula."""
     _small_tiles(monkeypatch)
-    case = _case(kind, dtype)
-    out, grads = _run(backend, *case)
+    case = _case("packed" if kind == "softcap" else kind, dtype)
+    if kind == "softcap":
+        case = (*case[:5], 6)
+    kw = {"softcap": SOFTCAP} if kind == "softcap" else {}
+    out, grads = _run(backend, *case, **kw)
     ref_out, ref_grads = _run("xla", *(x.astype(jnp.float32) if hasattr(x, "astype") and x.dtype == dtype else x
-                                       for x in case))
+                                       for x in case), **kw)
     assert out.dtype == dtype
     for name, got, want in [("out", out, ref_out), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -245,17 +255,17 @@ def test_pallas_block_ranges_cover_every_allowed_tile_and_unmask_only_full_ones(
 
 # The TPU path runs interpreted; on a GPU the interpreter is slow and tells nothing more.
 @pytest.mark.skipif(ON_GPU, reason="the TPU path is checked on CPU (interpreted)")
-@pytest.mark.parametrize("kind", ["causal", "packed", "window"])
+@pytest.mark.parametrize("kind", ["causal", "packed", "window", "softcap"])
 def test_tpu_splash_path_matches_reference(kind):
     """The `pallas` backend's TPU path (JAX's splash attention, interpreted here) against the reference,
     forward and gradients, on the rows it defines (padding rows are nobody's output: their loss
-    weight is 0); GQA 9/3 through its MQA form."""
+    weight is 0); GQA 9/3 through its MQA form; "softcap": packed rows with the soft cap."""
     from jaxtune.kernels.splash_tpu import splash_attention
 
-    q, k, v, seg, pos, window = _case(kind, jnp.float32)
+    q, k, v, seg, pos, window = _case("packed" if kind == "softcap" else kind, jnp.float32)
     weight = (seg != 0)[:, :, None, None] * jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
     kw = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos, causal=True,
-              sliding_window=window, scale=q.shape[-1] ** -0.5)
+              sliding_window=window, scale=q.shape[-1] ** -0.5, softcap=SOFTCAP if kind == "softcap" else None)
 
     def fallback(q, *args, **kwargs):  # traced in either case (lax.cond); NaN if it ever runs here
         return jnp.full_like(q, jnp.nan)
@@ -314,6 +324,16 @@ def test_pallas_kernel_head_dims(head_dim, monkeypatch):
     want = _run("xla", q, k, v, seg, pos, 9)
     for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5)
+
+
+def test_cudnn_leaves_the_soft_cap_to_its_fallback():
+    """jax.nn.dot_product_attention has no soft cap: a capped call is the fallback's, with the reason."""
+    from jaxtune.kernels.cudnn import static_reason
+
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    seg, pos = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
+    assert static_reason(q, seg, seg, pos, pos, None) is None
+    assert "soft-capping" in static_reason(q, seg, seg, pos, pos, None, softcap=50.0)
 
 
 def test_cudnn_takes_only_rows_of_one_sample():

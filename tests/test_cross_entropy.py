@@ -24,14 +24,20 @@ def _inputs(dtype=jnp.float32, seed=0):
     return hidden, head, targets, weights, coeffs
 
 
-def _plain_logprobs(hidden, head, targets):
+def _plain_logprobs(hidden, head, targets, softcap=None):
     logits = jnp.einsum("nd,vd->nv", hidden, head, preferred_element_type=jnp.float32)
+    if softcap is not None:  # transformers' Gemma 2: logits / cap, tanh, * cap
+        logits = jnp.tanh(logits / softcap) * softcap
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
 
 
-def _plain_loss(hidden, head, targets, weights):
-    return -jnp.sum(jnp.where(weights > 0, weights * _plain_logprobs(hidden, head, targets), 0.0))
+def _plain_loss(hidden, head, targets, weights, softcap=None):
+    return -jnp.sum(jnp.where(weights > 0, weights * _plain_logprobs(hidden, head, targets, softcap), 0.0))
+
+
+# Logits here have a spread of ~1.5: a cap of 1.5 bends them hard (tanh' falls to 0.4 at one cap).
+SOFTCAPS = [None, 1.5]
 
 
 def _max_diff(a, b):
@@ -41,15 +47,17 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("chunk", [8, 16, 64])
 @pytest.mark.parametrize("vocab_axis", [0, 1])
-def test_linear_cross_entropy_matches_plain(chunk, vocab_axis):
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_linear_cross_entropy_matches_plain(chunk, vocab_axis, softcap):
     hidden, head, targets, weights, _ = _inputs()
     layout = (lambda w: w) if vocab_axis == 0 else (lambda w: w.T)  # noqa: E731
 
     def chunked(h, w):
-        return linear_cross_entropy(h, layout(w), targets, weights, vocab_axis=vocab_axis, chunk_size=chunk)
+        return linear_cross_entropy(h, layout(w), targets, weights, vocab_axis=vocab_axis, chunk_size=chunk,
+                                    softcap=softcap)
 
     def plain(h, w):
-        return _plain_loss(h, w, targets, weights)
+        return _plain_loss(h, w, targets, weights, softcap)
 
     # A sum of N nll terms, each a logsumexp over V logits, differently ordered: fp32 rounds each to
     # about (log2 N + log2 V) * eps ~ 2e-6 relative. A dropped or doubled token is off by 1/N ~ 2e-2.
@@ -60,18 +68,21 @@ def test_linear_cross_entropy_matches_plain(chunk, vocab_axis):
 
 
 @pytest.mark.parametrize("chunk", [8, 16])
-def test_token_logprobs_match_plain(chunk):
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_token_logprobs_match_plain(chunk, softcap):
     hidden, head, targets, _, coeffs = _inputs(seed=1)
     targets = jnp.maximum(targets, 0)
 
     def chunked(h, w):
-        return jnp.sum(coeffs * linear_token_logprobs(h, w.T, targets, vocab_axis=1, chunk_size=chunk))
+        return jnp.sum(coeffs * linear_token_logprobs(h, w.T, targets, vocab_axis=1, chunk_size=chunk,
+                                                      softcap=softcap))
 
     def plain(h, w):
-        return jnp.sum(coeffs * _plain_logprobs(h, w, targets))
+        return jnp.sum(coeffs * _plain_logprobs(h, w, targets, softcap))
 
-    np.testing.assert_allclose(np.asarray(linear_token_logprobs(hidden, head, targets, chunk_size=chunk)),
-                               np.asarray(_plain_logprobs(hidden, head, targets)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(linear_token_logprobs(hidden, head, targets, chunk_size=chunk,
+                                                                softcap=softcap)),
+                               np.asarray(_plain_logprobs(hidden, head, targets, softcap)), atol=1e-5)
     got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, head)
     want = jax.grad(plain, argnums=(0, 1))(hidden, head)
     assert _max_diff(got, want) < 1e-5

@@ -5,7 +5,6 @@ is its module plus one line in the registry."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from conftest import hf_logits, save_tiny
-from families import check_greedy_matches_transformers, check_round_trip_is_bit_exact
+from families import check_greedy_matches_transformers, check_qlora_trains_and_adapter_loads, check_round_trip_is_bit_exact
 from test_train_step import check_lora_steps_match_peft
 from transformers import GPTNeoXConfig
 
@@ -74,52 +72,7 @@ def test_lora_steps_match_peft(neox_dir):
 
 
 def test_qlora_trains_and_adapter_loads_in_peft(tmp_path, neox_dir):
-    """QLoRA (NF4 projections) on GPT-NeoX through `jaxtune.train`: the loss falls, and the exported PEFT
-    adapter on the base model gives the merged export's logits in transformers + PEFT."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from jaxtune import train
-    from jaxtune.config import build_config
-
-    rows = [{"text": " ".join(str(5 + (i * 7 + j) % 80) for j in range(24))} for i in range(32)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok_dir = tmp_path / "tok"
-    _word_tokenizer(tok_dir)
-    cfg = build_config({"base_model": str(neox_dir), "tokenizer_config": str(tok_dir),
-                        "datasets": [{"path": str(data), "type": "completion"}], "sequence_len": 32,
-                        "adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "lora_r": 8,
-                        "lora_alpha": 16, "micro_batch_size": 4, "max_steps": 20, "learning_rate": 2e-2,
-                        "lr_scheduler": "constant", "output_dir": str(tmp_path / "out"),
-                        "dataset_prepared_path": str(tmp_path / "prep"), "save_strategy": "no"})
-    train.run(cfg)
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in l]
-    assert losses[-1] < losses[0] - 0.3, losses
-    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(TARGETS)
-    ids = np.random.default_rng(1).integers(0, 96, (1, 16))
-    merged = hf_logits(tmp_path / "out" / "hf", ids)
-    base = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter"))
-    with torch.no_grad():
-        adapted = peft_model(torch.tensor(ids)).logits.numpy()
-    # the merged export holds the NF4-dequantized base (QLoRA trains against it); the PEFT adapter sits on
-    # the float base: they differ by the NF4 rounding of the base weights, not by the adapter
-    assert np.abs(adapted - merged).max() < 0.05 * np.abs(merged).max()
-
-
-def _word_tokenizer(out: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary: tokens '0' .. '95'."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {str(i): i for i in range(96)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="1", eos_token="2", pad_token="0", unk_token="0")
-    fast.save_pretrained(str(out))
+    check_qlora_trains_and_adapter_loads(neox_dir, tmp_path, TARGETS)
 
 
 def test_a_family_is_its_module_and_one_registry_line():
@@ -134,12 +87,18 @@ def test_a_family_is_its_module_and_one_registry_line():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.parent.name != "models" and pattern.search(p.read_text())]
     assert not offenders, offenders
+    # LoRA and NF4 come by model surgery from peft/: the models know neither
+    surgery = re.compile(r"jaxtune\.peft|kernels\.nf4|\blora_[ab]\b|lora_gate|lora_scale|QuantizedKernel|nf4_")
+    knowing = [p.name for p in (root / "models").glob("*.py") if surgery.search(p.read_text())]
+    assert not knowing, knowing
     for family in FAMILY_MODULES:
         for attr in ("ARCHITECTURES", "config_from_hf", "CausalLM", "hf_tensor_name", "LORA_TARGETS"):
             assert hasattr(family, attr), (family.__name__, attr)
-    with pytest.raises(jaxtune.errors.ModelLoadError, match="supported: GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM"):
-        from jaxtune.models import family_for
+    from jaxtune.models import SUPPORTED_ARCHITECTURES, family_for
 
+    assert {"GPTNeoXForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"} <= set(SUPPORTED_ARCHITECTURES)
+    with pytest.raises(jaxtune.errors.ModelLoadError, match="'GemmaForCausalLM' is not supported; supported: "
+                       + re.escape(", ".join(SUPPORTED_ARCHITECTURES))):
         family_for("GemmaForCausalLM")
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_logits, save_tiny
-from families import check_greedy_matches_transformers, check_round_trip_is_bit_exact
+from families import check_greedy_matches_transformers, check_qlora_trains_and_adapter_loads, check_round_trip_is_bit_exact
 from test_mesh import _mesh_runs
 from test_train_step import check_lora_steps_match_peft
 from transformers import Phi3Config
@@ -81,3 +81,7 @@ def test_mesh_training_equals_single_device(tmp_path):
                   original_max_position_embeddings=128)
     result = _mesh_runs(save_tiny(tmp_path, cfg, "phi3_8"), "lora")
     assert result["fsdp4_sequence2"]["ring_calls"] > 0
+
+
+def test_qlora_trains_and_adapter_loads_in_peft(tmp_path, phi3_dir):
+    check_qlora_trains_and_adapter_loads(phi3_dir, tmp_path, TARGETS)

@@ -1,5 +1,5 @@
 """Ring attention (jaxtune.parallel.ring) equals the reference attention, forward and backward, with
-causal masks, packed segment ids, GQA and sliding windows, on the natural and the load-balanced
+causal masks, packed segment ids, GQA, sliding windows and the logit soft cap, on the natural and the load-balanced
 token layouts (8 forced CPU devices, in a subprocess); the balanced layout itself
 (jaxtune.parallel.sequence) keeps every token's next-token target."""
 
@@ -38,27 +38,28 @@ SCRIPT = textwrap.dedent(
     pos = np.array([list(range(29)) + list(range(37)) + list(range(23)) + [0] * 7, list(range(T))], np.int32)
     cot = jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float32)
 
-    def loss(q, k, v, seg, pos, window):
+    def loss(q, k, v, seg, pos, window, softcap):
         out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos,
-                        sliding_window=window, implementation="blockwise")
+                        sliding_window=window, softcap=softcap, implementation="blockwise")
         return jnp.sum(out * cot), out
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=5)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=(5, 6))
     errors = {}
     for mesh_kw in ({"sequence": 8}, {"fsdp": 2, "sequence": 4}, {"sequence": 2, "tensor": 2, "data": 2}):
         mesh = M.make_mesh(**mesh_kw)
         ways = mesh.shape["sequence"]
         for layout in ("natural", "balanced"):
             order = balanced_order(T, ways) if layout == "balanced" else np.arange(T)
-            for window in (None, 17):
+            for window, softcap in ((None, None), (17, None), (None, 0.8)):  # 0.8: Gemma's cap, bending hard
                 args = (q[:, order], k[:, order], v[:, order], jnp.asarray(seg[:, order]), jnp.asarray(pos[:, order]))
-                (ref_l, ref_o), ref_g = grad(*args, window)  # no mesh in context: the xla-equal blockwise path
+                # no mesh in context: the xla-equal blockwise path
+                (ref_l, ref_o), ref_g = grad(*args, window, softcap)
                 with jax.set_mesh(mesh):
-                    (l, o), g = grad(*args, window)
-                name = f"{mesh_kw}/{layout}/window={window}"
+                    (l, o), g = grad(*args, window, softcap)
+                name = f"{mesh_kw}/{layout}/window={window}/softcap={softcap}"
                 errors[name] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip((ref_o, *ref_g), (o, *g)))
                 ref_x = attention(*args[:3], q_segment_ids=args[3], kv_segment_ids=args[3], q_positions=args[4],
-                                  kv_positions=args[4], sliding_window=window, implementation="xla")
+                                  kv_positions=args[4], sliding_window=window, softcap=softcap, implementation="xla")
                 errors[name + "/xla"] = float(jnp.max(jnp.abs(o - ref_x)))
     errors["ring_traces"] = len(calls)
     print("RESULT " + json.dumps(errors))
@@ -71,8 +72,8 @@ def test_ring_attention_equals_reference():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert errors.pop("ring_traces") == 6  # 3 meshes x 2 windows (the layouts share a trace)
-    assert len(errors) == 24
+    assert errors.pop("ring_traces") == 9  # 3 meshes x 3 settings (the layouts share a trace)
+    assert len(errors) == 36
     bad = {k: v for k, v in errors.items() if v > 1e-5}
     assert not bad, bad
 

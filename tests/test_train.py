@@ -135,7 +135,7 @@ def test_qlora_trains_and_exports(tmp_path, tiny_chat_dir, small_data):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxtune.models.layers import QuantizedKernel
+    from jaxtune.peft.qlora import QuantizedKernel
 
     result = train_run(tmp_path, tiny_chat_dir, small_data, adapter="qlora", load_in_4bit=True, max_steps=8,
                        learning_rate=1e-2, lora_dropout=0.0, gradient_accumulation_steps=1, lr_scheduler="constant")

@@ -217,21 +217,21 @@ def _owner(model, ppath: tuple[str, ...]):
 def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
     """The model's weights as HF tensors (names, shapes, producers), in HF's order.
 
-    LoRA adapters are merged into their kernels and NF4 kernels dequantized (to the dtype the
-    checkpoint had), so what is written is a plain model.
+    Projections that surgery changed (KERNEL_AS_STORED false: LoRA adapters, NF4 kernels) are written
+    as their merged kernels (in the dtype the checkpoint had), so what is written is a plain model.
     """
-    from jaxtune.models.layers import QuantizedKernel
-
     cfg = model.cfg
     family = family_for(cfg.architecture)
-    state = nnx.state(model, nnx.Any(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), QuantizedKernel))
+    # every parameter but the adapters, and every kernel (an NF4 one is a frozen variable, not a Param)
+    state = nnx.state(model, nnx.Any(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)),
+                                     lambda path, _: str(getattr(path[-1], "key", path[-1])) == "kernel"))
     entries: list[tuple[int, int, TensorToWrite]] = []
     for ppath, var in _param_paths(state):
         value = var.get_value()
         transpose = ppath[-1] == "kernel"
         owner = _owner(model, ppath) if transpose else None
-        merge = owner is not None and (owner.lora_a is not None or isinstance(var, QuantizedKernel))
-        source_dtype = np.dtype(value.dtype if not isinstance(var, QuantizedKernel) else as_dtype(value.dtype))
+        merge = owner is not None and not owner.KERNEL_AS_STORED
+        source_dtype = as_dtype(value.dtype)
         out_dtype = as_dtype(dtype) if dtype is not None else source_dtype
         stacked = ppath[0] == "layers"
         for layer in range(cfg.num_layers) if stacked else [None]:

@@ -133,13 +133,20 @@ def attention_mask(
     return mask
 
 
-def _xla_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma's logit soft-capping, cap * tanh(logits / cap) (identity when `cap` is None)."""
+    if cap is None:
+        return logits
+    return jnp.float32(cap) * jnp.tanh(logits / jnp.float32(cap))
+
+
+def _xla_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale, softcap):
     b, t, n, h = q_btnh.shape
     kv_heads = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits_bkgts = jnp.einsum(
+    logits_bkgts = soft_cap(jnp.einsum(
         "btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32
-    ) * jnp.float32(scale)
+    ) * jnp.float32(scale), softcap)
     big_negative = jnp.finfo(jnp.float32).min
     logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, big_negative)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
@@ -159,13 +166,15 @@ def attention(
     causal: bool = True,
     sliding_window: jax.Array | int | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
     """Multi-head attention with GQA, packing and sliding windows.
 
     Shapes: q [B, T, N, H]; k, v [B, S, K, H] with N a multiple of K; segment ids and positions
     [B, T] for queries and [B, S] for keys. Returns [B, T, N, H] in v's dtype. Softmax runs in
-    float32. `scale` defaults to H ** -0.5.
+    float32. `scale` defaults to H ** -0.5. `softcap` (Gemma 2's attn_logit_softcapping) caps the
+    scaled scores, cap * tanh(scores / cap), before the mask and the softmax, in every backend.
     """
     if implementation not in IMPLEMENTATIONS:
         raise JaxtuneError(
@@ -175,7 +184,8 @@ def attention(
         raise ValueError(f"{q_btnh.shape[2]} query heads is not a multiple of {k_bskh.shape[2]} kv heads")
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
+                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale,
+                  softcap=None if softcap is None else float(softcap))
     if q_segment_ids is kv_segment_ids and _sequence_ways() > 1:  # the sequence is split over devices
         if not _SPLIT_SEQUENCE:
             raise JaxtuneError("the mesh in context splits the sequence, but no attention for a split sequence is "
@@ -206,12 +216,13 @@ def attention(
     mask = attention_mask(
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, sliding_window=sliding_window
     )
-    return _xla_attention(q_btnh, k_bskh, v_bskh, mask, scale)
+    return _xla_attention(q_btnh, k_bskh, v_bskh, mask, scale, softcap)
 
 
 def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window=None,
-                     scale: float | None = None, implementation: str = "xla") -> jax.Array:
+                     scale: float | None = None, softcap: float | None = None,
+                     implementation: str = "xla") -> jax.Array:
     """Attention of T new tokens (q, k, v [B, T, ., H]) over a KV cache of S slots laid out head-major,
     [B, K, S, H] (jaxtune.models.cache; `kv_segment_ids` / `kv_positions` [B, S] describe its slots,
     empty ones segment 0), and over themselves. A decode step (T = 1) multiplies and reduces in place:
@@ -225,7 +236,8 @@ def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_
         return attention(q_btnh, keys, values, q_segment_ids=q_segment_ids,
                          kv_segment_ids=jnp.concatenate([kv_segment_ids, q_segment_ids], axis=1),
                          q_positions=q_positions, kv_positions=jnp.concatenate([kv_positions, q_positions], axis=1),
-                         sliding_window=sliding_window, scale=scale, implementation=implementation)
+                         sliding_window=sliding_window, scale=scale, softcap=softcap,
+                         implementation=implementation)
     kv_heads = k_cache.shape[1]
     scale = h ** -0.5 if scale is None else scale
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
@@ -234,8 +246,9 @@ def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_
     k_self = k_btkh.reshape(b, kv_heads, 1, h).astype(jnp.float32)
     v_self = v_btkh.reshape(b, kv_heads, 1, h).astype(jnp.float32)
     logits = jnp.sum(q[:, :, :, None] * k_cache[:, :, None].astype(jnp.float32), axis=-1)  # [B, K, G, S]
-    logits = jnp.where(mask[:, None, None], logits * jnp.float32(scale), jnp.finfo(jnp.float32).min)
-    own = jnp.sum(q * k_self, axis=-1, keepdims=True) * jnp.float32(scale)  # [B, K, G, 1]: a token sees itself
+    logits = jnp.where(mask[:, None, None], soft_cap(logits * jnp.float32(scale), softcap), jnp.finfo(jnp.float32).min)
+    # [B, K, G, 1]: a token sees itself
+    own = soft_cap(jnp.sum(q * k_self, axis=-1, keepdims=True) * jnp.float32(scale), softcap)
     probs = jax.nn.softmax(jnp.concatenate([logits, own], axis=-1), axis=-1)
     out = jnp.sum(probs[..., :-1, None] * v_cache[:, :, None].astype(jnp.float32), axis=-2) \
         + probs[..., -1:] * v_self

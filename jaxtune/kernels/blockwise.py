@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxtune.kernels.attention import attention_mask
+from jaxtune.kernels.attention import attention_mask, soft_cap
 
 Q_BLOCK = 512
 KV_BLOCK = 512
@@ -67,13 +67,16 @@ def _unless_masked(tile, rule, qs, ks, i, j, bq, bk, carry):
     return jax.lax.cond(jnp.any(mask), lambda c: tile(mask, c), lambda c: c, carry)
 
 
-def _scores(q_blk, k_blk, scale):
-    """[B, K, G, bq, bk] float32 scores of q [B, bq, K, G, H] against k [B, bk, K, H]."""
-    return jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * jnp.float32(scale)
+def _scores(q_blk, k_blk, scale, softcap):
+    """[B, K, G, bq, bk] float32 scores of q [B, bq, K, G, H] against k [B, bk, K, H] (soft-capped
+    when `softcap` is set)."""
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    return soft_cap(s, softcap)
 
 
-def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
-    """Output [B, Tp, K, G, H] (q's dtype) and log-sum-exp [B, K, G, Tp] (float32)."""
+def forward(q, k, v, qs, ks, rule, scale, bq, bk, softcap=None):
+    """Output [B, Tp, K, G, H] (q's dtype) and log-sum-exp [B, K, G, Tp] (float32) of tiled inputs
+    (`Tiles`); `rule` = (window array, causal, use_window)."""
     b, tp, kh, g, h = q.shape
     n_kv = k.shape[1] // bk
 
@@ -84,7 +87,7 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
             def tile(mask, carry):
                 m, l, acc = carry
                 v_blk = _block(v, j, bk)
-                s = _scores(q_blk, _block(k, j, bk), scale)
+                s = _scores(q_blk, _block(k, j, bk), scale, softcap)
                 allowed = mask[:, None, None]
                 m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -111,9 +114,10 @@ def _forward(q, k, v, qs, ks, rule, scale, bq, bk):
     return out, lse
 
 
-def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast: bool = True):
+def backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast: bool = True, softcap=None):
     """dQ, dK, dV (in the inputs' dtypes; float32 with cast=False) from the output and the log-sum-
-    exp of the whole attention; with a part of the keys (ring attention), that part's share."""
+    exp of the whole attention; with a part of the keys (ring attention), that part's share. With a
+    soft cap, dS passes through its derivative: d(cap * tanh(s / cap)) / ds = 1 - (capped / cap)^2."""
     b, tp, kh, g, h = q.shape
     n_q, n_kv = tp // bq, k.shape[1] // bk
     # rowsum(dO * O): [B, K, G, Tp]
@@ -128,12 +132,15 @@ def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast: bool 
                 dk, dv, dq = carry
                 q_blk, do_blk = _block(q, i, bq), _block(d_out, i, bq)
                 lse_blk, delta_blk = _block(lse, i, bq, axis=3), _block(delta, i, bq, axis=3)
-                s = _scores(q_blk, k_blk, scale)
+                s = _scores(q_blk, k_blk, scale, softcap)
                 p = jnp.where(mask[:, None, None], jnp.exp(s - lse_blk[..., None]), 0.0)  # [B,K,G,bq,bk]
                 dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_blk.dtype), do_blk,
                                      preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-                ds = (p * (dp - delta_blk[..., None]) * jnp.float32(scale)).astype(q.dtype)
+                ds = p * (dp - delta_blk[..., None]) * jnp.float32(scale)
+                if softcap is not None:
+                    ds = ds * (1.0 - jnp.square(s / jnp.float32(softcap)))
+                ds = ds.astype(q.dtype)
                 dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_blk, preferred_element_type=jnp.float32)
                 dq_blk = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_blk, preferred_element_type=jnp.float32)
                 dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, bq) + dq_blk, i * bq, axis=1)
@@ -157,19 +164,20 @@ def _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast: bool 
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _attention(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk):
-    return _forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _attention(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, softcap):
+    return forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, softcap)[0]
 
 
-def _attention_fwd(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk):
-    out, lse = _forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk)
+def _attention_fwd(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, softcap):
+    out, lse = forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, softcap)
     return out, (q, k, v, qs, ks, window, out, lse)
 
 
-def _attention_bwd(causal, use_window, scale, bq, bk, res, d_out):
+def _attention_bwd(causal, use_window, scale, bq, bk, softcap, res, d_out):
     q, k, v, qs, ks, window, out, lse = res
-    dq, dk, dv = _backward(q, k, v, qs, ks, out, lse, d_out, (window, causal, use_window), scale, bq, bk)
+    dq, dk, dv = backward(q, k, v, qs, ks, out, lse, d_out, (window, causal, use_window), scale, bq, bk,
+                          softcap=softcap)
     return dq, dk, dv, None, None, None
 
 
@@ -177,14 +185,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blockwise_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                        causal: bool, sliding_window, scale: float, q_block: int | None = None,
-                        kv_block: int | None = None):
+                        causal: bool, sliding_window, scale: float, softcap: float | None = None,
+                        q_block: int | None = None, kv_block: int | None = None):
     """Attention of q [B, T, N, H] over k, v [B, S, K, H] in tiles, masked by
     `jaxtune.kernels.attention.attention_mask` (same arguments). Returns [B, T, N, H] in q's dtype."""
     tiles = Tiles.of(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                      sliding_window, q_block, kv_block)
     out = _attention(tiles.q, tiles.k, tiles.v, tiles.qs, tiles.ks, tiles.window, causal, tiles.use_window,
-                     float(scale), tiles.bq, tiles.bk)
+                     float(scale), tiles.bq, tiles.bk, softcap)
     return tiles.unpad(out)
 
 

@@ -62,9 +62,17 @@ def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
     return x.reshape(-1, chunk, *x.shape[1:])
 
 
-def _logits(h: jax.Array, head: jax.Array, vocab_axis: int) -> jax.Array:
+def _logits(h: jax.Array, head: jax.Array, vocab_axis: int, softcap: float | None) -> jax.Array:
+    """A chunk's float32 logits, soft-capped (cap * tanh(logits / cap), Gemma's final_logit_softcapping)
+    when `softcap` is set."""
     dims = ((1,), (1,)) if vocab_axis == 0 else ((1,), (0,))
-    return jax.lax.dot_general(h, head.astype(h.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
+    logits = jax.lax.dot_general(h, head.astype(h.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
+    return logits if softcap is None else jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
+
+
+def _through_cap(dlogits: jax.Array, logits: jax.Array, softcap: float | None) -> jax.Array:
+    """dL/d(uncapped logits) from dL/d(capped logits): times 1 - tanh^2 = 1 - (capped / cap)^2."""
+    return dlogits if softcap is None else dlogits * (1.0 - jnp.square(logits / jnp.float32(softcap)))
 
 
 def _hidden_grad(dlogits: jax.Array, head: jax.Array, vocab_axis: int, dtype) -> jax.Array:
@@ -89,11 +97,11 @@ def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------- summed loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ce_sum(hidden, head, targets, weights, chunk, vocab_axis):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ce_sum(hidden, head, targets, weights, chunk, vocab_axis, softcap):
     def body(total, xs):
         h, t, w = xs
-        logits = _logits(h, head, vocab_axis)
+        logits = _logits(h, head, vocab_axis, softcap)
         nll = jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, t)
         return total + jnp.sum(jnp.where(w != 0, w * nll, 0.0)), None
 
@@ -102,7 +110,7 @@ def _ce_sum(hidden, head, targets, weights, chunk, vocab_axis):
     return total
 
 
-def _ce_sum_fwd(hidden, head, targets, weights, chunk, vocab_axis):
+def _ce_sum_fwd(hidden, head, targets, weights, chunk, vocab_axis, softcap):
     hidden, head, need_head = hidden.value, head.value, head.perturbed
     targets, weights = targets.value, weights.value
     vocab = head.shape[vocab_axis]
@@ -110,13 +118,13 @@ def _ce_sum_fwd(hidden, head, targets, weights, chunk, vocab_axis):
     def body(carry, xs):
         total, dhead = carry
         h, t, w = xs
-        logits = _logits(h, head, vocab_axis)
+        logits = _logits(h, head, vocab_axis, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         nll = lse - _target_logit(logits, t)
         total = total + jnp.sum(jnp.where(w != 0, w * nll, 0.0))
         # d(sum w * nll)/dlogits = w * (softmax - onehot(target))
         dlogits = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(t, vocab, dtype=jnp.float32)
-        dlogits = dlogits * w[:, None]
+        dlogits = _through_cap(dlogits * w[:, None], logits, softcap)
         dh = _hidden_grad(dlogits, head, vocab_axis, h.dtype)
         if need_head:
             dhead = dhead + _head_grad(dlogits, h, vocab_axis)
@@ -129,7 +137,7 @@ def _ce_sum_fwd(hidden, head, targets, weights, chunk, vocab_axis):
     return total, (dh, None if dhead is None else dhead.astype(head.dtype))
 
 
-def _ce_sum_bwd(chunk, vocab_axis, res, g):
+def _ce_sum_bwd(chunk, vocab_axis, softcap, res, g):
     dh, dhead = res
     dhidden = (g * dh).astype(dh.dtype)
     return dhidden, None if dhead is None else (g * dhead).astype(dhead.dtype), None, None
@@ -139,25 +147,27 @@ _ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd, symbolic_zeros=True)
 
 
 def linear_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                         vocab_axis: int = 0, chunk_size: int | None = None) -> jax.Array:
+                         vocab_axis: int = 0, chunk_size: int | None = None,
+                         softcap: float | None = None) -> jax.Array:
     """sum_t weights[t] * -log softmax(hidden[t] @ head)[targets[t]] (float32 scalar).
 
     hidden [N, D]; targets [N] int; weights [N] float (0 drops a token, whatever its target);
     head [V, D] (`vocab_axis=0`) or [D, V] (`vocab_axis=1`). Differentiable w.r.t. hidden and head.
+    `softcap`: the logits are cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping).
     """
     chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
     targets = jnp.where(weights != 0, targets, 0).astype(jnp.int32)
-    return _ce_sum(hidden, head, targets, weights.astype(jnp.float32), chunk, vocab_axis)
+    return _ce_sum(hidden, head, targets, weights.astype(jnp.float32), chunk, vocab_axis, softcap)
 
 
 # ------------------------------------------------------------------------------ per-token logprobs
 
 
-def _logprob_chunks(hidden, head, targets, chunk, vocab_axis):
+def _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap):
     """Per token: log p(target), the logsumexp, and the entropy of the distribution."""
     def body(_, xs):
         h, t = xs
-        logits = _logits(h, head, vocab_axis)
+        logits = _logits(h, head, vocab_axis, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         entropy = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
         return None, (_target_logit(logits, t) - lse, lse, entropy)
@@ -167,30 +177,31 @@ def _logprob_chunks(hidden, head, targets, chunk, vocab_axis):
     return logp.reshape(-1)[:n], lse.reshape(-1)[:n], entropy.reshape(-1)[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_logprobs(hidden, head, targets, chunk, vocab_axis):
-    logp, _, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_logprobs(hidden, head, targets, chunk, vocab_axis, softcap):
+    logp, _, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap)
     return logp, entropy
 
 
-def _token_logprobs_fwd(hidden, head, targets, chunk, vocab_axis):
+def _token_logprobs_fwd(hidden, head, targets, chunk, vocab_axis, softcap):
     need_head = head.perturbed
     hidden, head, targets = hidden.value, head.value, targets.value
-    logp, lse, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis)
+    logp, lse, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap)
     # `()` vs None marks (in the residuals' structure) whether the head needs a gradient.
     return (logp, entropy), (hidden, head, targets, lse, () if need_head else None)
 
 
-def _token_logprobs_bwd(chunk, vocab_axis, res, cotangents):
+def _token_logprobs_bwd(chunk, vocab_axis, softcap, res, cotangents):
     g, _ = cotangents  # the entropy is a metric: no gradient flows through it
     hidden, head, targets, lse, need_head = res
     vocab = head.shape[vocab_axis]
 
     def body(dhead, xs):
         h, t, l, gc = xs
-        logits = _logits(h, head, vocab_axis)
+        logits = _logits(h, head, vocab_axis, softcap)
         # d(logit[t] - lse)/dlogits = onehot(t) - softmax
         dlogits = (jax.nn.one_hot(t, vocab, dtype=jnp.float32) - jnp.exp(logits - l[:, None])) * gc[:, None]
+        dlogits = _through_cap(dlogits, logits, softcap)
         dh = _hidden_grad(dlogits, head, vocab_axis, h.dtype)
         if dhead is not None:
             dhead = dhead + _head_grad(dlogits, h, vocab_axis)
@@ -207,24 +218,24 @@ _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd, symbolic_zeros=
 
 
 def linear_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, vocab_axis: int = 0,
-                          chunk_size: int | None = None, with_entropy: bool = False):
+                          chunk_size: int | None = None, with_entropy: bool = False, softcap: float | None = None):
     """log softmax(hidden[t] @ head)[targets[t]] for each token t: [N] float32 (shapes as in
     `linear_cross_entropy`). Differentiable w.r.t. hidden and head. `with_entropy`: (log-probs,
     entropies [N]), the entropies computed in the same chunks and carrying no gradient."""
     chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
-    logp, entropy = _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis)
+    logp, entropy = _token_logprobs(hidden, head, targets.astype(jnp.int32), chunk, vocab_axis, softcap)
     return (logp, entropy) if with_entropy else logp
 
 
 def linear_log_sum_sq_probs(hidden: jax.Array, head: jax.Array, *, vocab_axis: int = 0,
-                            chunk_size: int | None = None) -> jax.Array:
+                            chunk_size: int | None = None, softcap: float | None = None) -> jax.Array:
     """log sum_v softmax(hidden[t] @ head)_v^2 for each token t: [N] float32, without gradient
     (DPO's WPO weights; TRL's `log_sum_sq_probs`)."""
     hidden, head = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
     chunk = min(chunk_size or default_chunk_size(head.shape[vocab_axis]), hidden.shape[0])
 
     def body(_, h):
-        logits = _logits(h, head, vocab_axis)
+        logits = _logits(h, head, vocab_axis, softcap)
         return None, jax.nn.logsumexp(2 * logits, axis=-1) - 2 * jax.nn.logsumexp(logits, axis=-1)
 
     _, out = jax.lax.scan(body, None, _chunked(hidden, chunk))

@@ -9,6 +9,7 @@ with positions 0, 1, 2, ... Everything else runs on `fallback` (the Pallas kerne
 at trace time where the reason is static and logged once:
 
 - float32 inputs (cuDNN's flash attention takes bf16 / fp16);
+- attention logit soft-capping (Gemma 2; the JAX entry point has none);
 - a window that is a traced value (a model whose layers have different windows);
 - queries and keys with different segment ids or positions (a KV cache);
 
@@ -27,8 +28,11 @@ from jaxtune.logging import info_once
 
 PAD_TO = 64  # rows padded to a multiple of this for cuDNN
 
-def static_reason(q, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window) -> str | None:
+def static_reason(q, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window,
+                  softcap=None) -> str | None:
     """Why cuDNN cannot take this call at all (None if it can, for rows of one sample)."""
+    if softcap is not None:
+        return "attention logit soft-capping (jax.nn.dot_product_attention has no soft cap)"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{q.dtype} inputs (cuDNN's fused attention takes bfloat16 / float16)"
     if q.shape[-1] % 8 or q.shape[-1] > 256:
@@ -46,12 +50,15 @@ def one_sample_rows(segment_ids, positions) -> tuple[jax.Array, jax.Array]:
 
 
 def cudnn_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                    causal: bool, sliding_window, scale: float, fallback, fallback_name: str):
+                    causal: bool, sliding_window, scale: float, fallback, fallback_name: str,
+                    softcap: float | None = None):
     """jaxtune's attention through cuDNN, or `fallback` (same keyword arguments) where cuDNN cannot
     express the mask. Returns [B, T, N, H] in q's dtype."""
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
-    reason = static_reason(q_btnh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale,
+                  softcap=softcap)
+    reason = static_reason(q_btnh, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window,
+                           softcap)
     if reason is not None:
         info_once(f"attention: cudnn cannot express {reason}; running {fallback_name!r} instead")
         return fallback(q_btnh, k_bskh, v_bskh, **kwargs)

@@ -149,8 +149,16 @@ def _sweep(table_ref, row, body, carry):
     return jax.lax.fori_loop(f_end, end, functools.partial(body, masked=True), carry)
 
 
+def _scores(q, k, scale, softcap):
+    """Base-2 logits of a tile, soft-capped (in natural units) when `softcap` is set."""
+    s = _dot(q, k, trans_b=True) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    return s * LOG2E
+
+
 def _forward_kernel(table_ref, window_ref, q_seg_ref, q_pos_ref, k_seg_ref, k_pos_ref, q_ref, k_ref, v_ref,
-                    o_ref, lse_ref, *, scale, causal, use_window, bk):
+                    o_ref, lse_ref, *, scale, softcap, causal, use_window, bk):
     window = window_ref[0]
     q = q_ref[...]
     q_seg, q_pos = q_seg_ref[...], q_pos_ref[...]
@@ -159,7 +167,7 @@ def _forward_kernel(table_ref, window_ref, q_seg_ref, q_pos_ref, k_seg_ref, k_po
     def body(j, carry, masked):
         acc, m, l = carry
         keys = pl.ds(j * bk, bk)
-        s = _dot(q, k_ref[keys, :], trans_b=True) * (scale * LOG2E)  # base-2 logits
+        s = _scores(q, k_ref[keys, :], scale, softcap)
         if masked:
             s = jnp.where(_mask(q_seg, q_pos, k_seg_ref[keys], k_pos_ref[keys], window, causal, use_window), s,
                           -jnp.inf)
@@ -180,21 +188,23 @@ def _forward_kernel(table_ref, window_ref, q_seg_ref, q_pos_ref, k_seg_ref, k_po
 
 
 def _backward_kernel(q_table_ref, k_table_ref, window_ref, q_seg_ref, q_pos_ref, k_seg_ref, k_pos_ref, q_ref, k_ref,
-                     v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, scale, causal, use_window, outer,
-                     inner):
+                     v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, scale, softcap, causal, use_window,
+                     outer, inner):
     j = pl.program_id(0)
     window = window_ref[0]
     h = q_ref.shape[-1]
     here = pl.ds(j * outer, outer)
 
     def probs(q, k, q_rows, k_rows, masked):
-        """P [rows, cols] of query rows `q_rows` against key rows `k_rows`."""
-        s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+        """P [rows, cols] of query rows `q_rows` against key rows `k_rows`, and the factor dS passes
+        through for the soft cap (1 - tanh^2; 1 without one)."""
+        s = _scores(q, k, scale, softcap)
+        through = 1.0 if softcap is None else 1.0 - jnp.square(s / (softcap * LOG2E))
         if masked:
             mask = _mask(q_seg_ref[q_rows], q_pos_ref[q_rows], k_seg_ref[k_rows], k_pos_ref[k_rows], window, causal,
                          use_window)
             s = jnp.where(mask, s, -jnp.inf)
-        return jnp.exp2(s - lse_ref[q_rows][:, None])
+        return jnp.exp2(s - lse_ref[q_rows][:, None]), through
 
     # dK, dV of key block j: over the query blocks that may attend it.
     k, v = k_ref[here, :], v_ref[here, :]
@@ -203,9 +213,9 @@ def _backward_kernel(q_table_ref, k_table_ref, window_ref, q_seg_ref, q_pos_ref,
         dk, dv = carry
         rows = pl.ds(i * inner, inner)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        p = probs(q, k, rows, here, masked)
+        p, through = probs(q, k, rows, here, masked)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * through
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros((outer, h), jnp.float32)
@@ -219,15 +229,15 @@ def _backward_kernel(q_table_ref, k_table_ref, window_ref, q_seg_ref, q_pos_ref,
     def dq_body(i, dq, masked):
         cols = pl.ds(i * inner, inner)
         k, v = k_ref[cols, :], v_ref[cols, :]
-        p = probs(q, k, here, cols, masked)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        p, through = probs(q, k, here, cols, masked)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None]) * through
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _sweep(q_table_ref, j, dq_body, zeros)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _forward(q, k, v, qs, ks, window, causal, use_window, scale, interpret):
+def _forward(q, k, v, qs, ks, window, causal, use_window, scale, softcap, interpret):
     """q [B, L, N, H], k/v [B, L, K, H], qs / ks (segment ids, positions) [B, L], all padded to whole
     blocks -> out [B, L, N, H], lse [B, N, L] (base 2)."""
     b, length, n, h = q.shape
@@ -238,7 +248,8 @@ def _forward(q, k, v, qs, ks, window, causal, use_window, scale, interpret):
     row = pl.BlockSpec((None, length), lambda i, bi, ni: (bi, 0))
     q_block = pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, i))
     kv_rows = pl.BlockSpec((None, length, None, h), lambda i, bi, ni: (bi, 0, ni // group, 0))
-    kernel = functools.partial(_forward_kernel, scale=scale, causal=causal, use_window=use_window, bk=bk)
+    kernel = functools.partial(_forward_kernel, scale=scale, softcap=softcap, causal=causal, use_window=use_window,
+                               bk=bk)
     return pl.pallas_call(
         kernel,
         grid=(nq, b, n),
@@ -256,7 +267,7 @@ def _forward(q, k, v, qs, ks, window, causal, use_window, scale, interpret):
     )(table, window.reshape(1), *qs, *ks, q, k, v)
 
 
-def _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scale, interpret):
+def _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scale, softcap, interpret):
     b, length, n, h = q.shape
     kh = k.shape[2]
     group = n // kh
@@ -276,8 +287,8 @@ def _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scal
     kv_rows = pl.BlockSpec((None, length, None, h), lambda j, bi, ni: (bi, 0, ni // group, 0))
     per_head = pl.BlockSpec((None, None, length), lambda j, bi, ni: (bi, ni, 0))
     out_block = pl.BlockSpec((None, outer, None, h), lambda j, bi, ni: (bi, j, ni, 0))
-    kernel = functools.partial(_backward_kernel, scale=scale, causal=causal, use_window=use_window, outer=outer,
-                               inner=inner)
+    kernel = functools.partial(_backward_kernel, scale=scale, softcap=softcap, causal=causal, use_window=use_window,
+                               outer=outer, inner=inner)
     dq, dk, dv = pl.pallas_call(
         kernel,
         grid=(n_blocks, b, n),
@@ -295,19 +306,19 @@ def _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scal
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _attention(q, k, v, qs, ks, window, causal, use_window, scale, interpret):
-    return _forward(q, k, v, qs, ks, window, causal, use_window, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q, k, v, qs, ks, window, causal, use_window, scale, softcap, interpret):
+    return _forward(q, k, v, qs, ks, window, causal, use_window, scale, softcap, interpret)[0]
 
 
-def _attention_fwd(q, k, v, qs, ks, window, causal, use_window, scale, interpret):
-    out, lse = _forward(q, k, v, qs, ks, window, causal, use_window, scale, interpret)
+def _attention_fwd(q, k, v, qs, ks, window, causal, use_window, scale, softcap, interpret):
+    out, lse = _forward(q, k, v, qs, ks, window, causal, use_window, scale, softcap, interpret)
     return out, (q, k, v, qs, ks, window, out, lse)
 
 
-def _attention_bwd(causal, use_window, scale, interpret, res, d_out):
+def _attention_bwd(causal, use_window, scale, softcap, interpret, res, d_out):
     q, k, v, qs, ks, window, out, lse = res
-    dq, dk, dv = _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scale, interpret)
+    dq, dk, dv = _backward(q, k, v, qs, ks, window, out, lse, d_out, causal, use_window, scale, softcap, interpret)
     return dq, dk, dv, None, None, None
 
 
@@ -319,7 +330,8 @@ def _next_power_of_2(x: int) -> int:
 
 
 def flash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                    causal: bool, sliding_window, scale: float, interpret: bool | None = None):
+                    causal: bool, sliding_window, scale: float, softcap: float | None = None,
+                    interpret: bool | None = None):
     """Attention of q [B, T, N, H] over k, v [B, S, K, H] by the Pallas kernel, masked by
     `jaxtune.kernels.attention.attention_mask` (same arguments). Returns [B, T, N, H] in q's dtype.
     `interpret` (default: off a GPU) runs the kernel through Pallas' interpreter.
@@ -345,5 +357,5 @@ def flash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_
     dtype = q_btnh.dtype
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     out = _attention(pad(q_btnh), pad(k_bskh.astype(dtype)), pad(v_bskh.astype(dtype)), qs, ks, window, causal,
-                     use_window, float(scale), interpret)
+                     use_window, float(scale), softcap, interpret)
     return out[:, :t, :, :h]

@@ -28,7 +28,7 @@ BLOCK = 128  # splash's tiles (its defaults); rows are padded to a multiple
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(length: int, group: int, causal: bool, window: int | None, interpret: bool):
+def _kernel(length: int, group: int, causal: bool, window: int | None, softcap: float | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -42,16 +42,18 @@ def _kernel(length: int, group: int, causal: bool, window: int | None, interpret
     sizes = splash.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                               block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
     return splash.make_splash_mqa(masks.MultiHeadMask([head_mask] * group), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+                                  q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                      causal: bool, sliding_window, scale: float, fallback, fallback_name: str,
-                     interpret: bool | None = None):
+                     softcap: float | None = None, interpret: bool | None = None):
     """jaxtune's attention through splash attention, or `fallback` (same keyword arguments) where
-    splash cannot express the mask. Returns [B, T, N, H] in q's dtype."""
+    splash cannot express the mask. Returns [B, T, N, H] in q's dtype. A soft cap is splash's own
+    `attn_logits_soft_cap` (applied to the scaled scores: the queries are scaled before the kernel)."""
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale)
+                  kv_positions=kv_positions, causal=causal, sliding_window=sliding_window, scale=scale,
+                  softcap=softcap)
     reason = index_mask_reason(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
     if reason is not None:
         info_once(f"attention: splash cannot express {reason}; running {fallback_name!r} instead")
@@ -61,7 +63,7 @@ def splash_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q
     kh = k_bskh.shape[2]
     length = -(-t // BLOCK) * BLOCK
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else None
-    kernel = _kernel(length, n // kh, causal, window, interpret)
+    kernel = _kernel(length, n // kh, causal, window, softcap, interpret)
 
     def pad(x, fill=0):
         return jnp.pad(x, [(0, 0), (0, length - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)

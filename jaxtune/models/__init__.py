@@ -5,11 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import gpt_neox, llama, phi3
+from jaxtune.models import gemma, gpt_neox, llama, phi3
 
 # Each family module gives: ARCHITECTURES, config_from_hf, CausalLM (a models.stack.DecoderLM),
 # hf_tensor_name and LORA_TARGETS. Adding a family is its module and its line here.
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox, phi3)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox, phi3, gemma)
 _FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))

@@ -68,6 +68,13 @@ class ModelConfig:
     hidden_act: str = "silu"
     # One entry per layer: the sliding-window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
+    # One RoPE per layer where layers differ (Gemma 3: local and global bases); empty: `rope` everywhere.
+    layer_ropes: tuple[RopeConfig, ...] = ()
+    # The attention's score scale (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5).
+    attn_scale: float | None = None
+    # Soft caps, cap * tanh(x / cap), on the attention scores and on the final logits (Gemma 2).
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -75,6 +82,13 @@ class ModelConfig:
     source_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
     # Its generation_config.json, when it had one (written back unchanged on export).
     source_generation_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    @property
+    def ropes(self) -> tuple[tuple[RopeConfig, ...], tuple[int, ...]]:
+        """(the distinct RoPE configurations, each layer's index into them)."""
+        per_layer = self.layer_ropes or (self.rope,) * self.num_layers
+        distinct = tuple(dict.fromkeys(per_layer))
+        return distinct, tuple(distinct.index(r) for r in per_layer)
 
     @property
     def source_config(self) -> dict[str, Any]:

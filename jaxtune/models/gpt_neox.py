@@ -27,19 +27,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig, special_token_ids
-from jaxtune.models.layers import LayerNorm, Linear
+from jaxtune.models.layers import ACTIVATIONS, LayerNorm, Linear
 from jaxtune.models.stack import DecoderLM, hf_names
 
 ARCHITECTURES = ("GPTNeoXForCausalLM",)
 LORA_TARGETS = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp",
                 "dense_4h_to_h": "mlp"}
-# HF activation names -> jax (transformers' ACT2FN: gelu is the exact erf form, gelu_new the tanh one).
-ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-               "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-               "relu": jax.nn.relu, "silu": jax.nn.silu}
-
 
 def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
     act = getattr(hf, "hidden_act", "gelu")

@@ -16,9 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
-
-from jaxtune.kernels.nf4 import nf4_dequantize
 
 Axes = tuple[str | None, ...]
 
@@ -32,20 +29,17 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, stddev: float = 
     return (stddev * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-class QuantizedKernel(nnx.Variable):
-    """A frozen kernel stored quantized (its value is a `jaxtune.kernels.nf4.NF4Tensor`)."""
-
-
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (+ LoRA), computed in `dtype`; kernel [in_features, out_features].
+    """y = x @ kernel (+ bias), computed in `dtype`; kernel [in_features, out_features].
 
-    With a LoRA adapter (`jaxtune.peft.lora.add_lora`), PEFT's formula:
-
-        y = x @ W + scale * gate * (dropout(x) @ lora_a) @ lora_b      lora_a [in, r], lora_b [r, out]
-
-    `gate` is 1 (or 0 for layers outside `peft_layers_to_transform`). The kernel may be a
-    `QuantizedKernel` (QLoRA): it is dequantized to `dtype` inside the matmul.
+    It knows nothing of adapters or quantization: those come by model surgery (the peft package), which
+    replaces a targeted Linear by a subclass holding the same kernel and bias variables (so parameter
+    paths stay the same) and overriding `dense_kernel`, `merged_kernel` and `_forward`. A subclass whose
+    kernel is not what a plain Linear would export sets KERNEL_AS_STORED = False; exports then write
+    its `merged_kernel`.
     """
+
+    KERNEL_AS_STORED = True
 
     def __init__(
         self,
@@ -62,34 +56,21 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.kernel = param(_normal(rngs, (in_features, out_features), param_dtype), axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
-        # Adapter slots (filled by jaxtune.peft.lora.add_lora); declared as data so they can hold variables.
-        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
-        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
-        self.lora_gate: nnx.Variable | None = nnx.data(None)
-        self.lora_scale = 0.0
-        self.lora_dropout = 0.0
+
+    def adopt(self, other: "Linear") -> None:
+        """Take over `other`'s shape, dtype, kernel and bias (model surgery: the replacement of `other`)."""
+        self.in_features, self.out_features, self.dtype = other.in_features, other.out_features, other.dtype
+        self.kernel, self.bias = other.kernel, other.bias
 
     def dense_kernel(self, dtype: Any = None) -> jax.Array:
-        """The frozen kernel as a dense array (dequantized when stored quantized)."""
-        dtype = dtype or self.dtype
-        if isinstance(self.kernel, QuantizedKernel):
-            # Stored as HF's [out, in] (the blocks run along `in`, as in bitsandbytes).
-            return jnp.swapaxes(nf4_dequantize(self.kernel.get_value(), dtype), -1, -2)
-        return self.kernel[...].astype(dtype)
+        """The kernel as a dense array in `dtype` (default: the compute dtype)."""
+        return self.kernel[...].astype(dtype or self.dtype)
 
     def merged_kernel(self, layer: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
         """The kernel [in, out] of one layer of a stacked Linear (or the whole kernel when `layer` is
-        None), dequantized and with the LoRA update folded in (computed in float32, cast to `dtype`)."""
-        pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
-        if isinstance(self.kernel, QuantizedKernel):
-            w = jnp.swapaxes(nf4_dequantize(jax.tree.map(pick, self.kernel.get_value()), jnp.float32), -1, -2)
-        else:
-            w = pick(self.kernel.get_value()).astype(jnp.float32)
-        if self.lora_a is not None:
-            gate = 1.0 if self.lora_gate is None else pick(self.lora_gate.get_value())
-            delta = pick(self.lora_a.get_value()).astype(jnp.float32) @ pick(self.lora_b.get_value()).astype(jnp.float32)
-            w = w + (self.lora_scale * gate) * delta
-        return w.astype(dtype)
+        None) as the model computes with it (a subclass folds in what it adds), cast to `dtype`."""
+        value = self.kernel.get_value()
+        return (value if layer is None else value[layer]).astype(dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         # Matmuls run on [tokens, features]: with the batch and sequence axes flattened, XLA:CPU
@@ -103,33 +84,43 @@ class Linear(nnx.Module):
         y = x @ self.dense_kernel()
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
-            h = x
-            if rng is not None and self.lora_dropout > 0:
-                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            a = self.lora_a[...].astype(self.dtype)
-            b = self.lora_b[...].astype(self.dtype)
-            # The [tokens, r] hidden is saved for the backward pass (tiny); everything else of the
-            # adapter is recomputed or follows from the named projection outputs.
-            delta = checkpoint_name(h @ a, "lora_hidden") @ b
-            scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
-            y = y + delta * jnp.asarray(scale, self.dtype)
         return y
+
+
+# HF activation names -> jax (transformers' ACT2FN: gelu is the exact erf form, gelu_new the tanh one).
+ACTIVATIONS = {"silu": jax.nn.silu,
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+               "relu": jax.nn.relu}
 
 
 class RMSNorm(nnx.Module):
     """HF's RMSNorm: normalize in float32, cast back, multiply by the weight."""
 
+    UNIT_SCALE = 1.0  # the weight at which the norm only normalizes (what a fresh model starts from)
+
     def __init__(self, dim: int, *, eps: float, axis: str, dtype: Any, param_dtype: Any):
         self.eps, self.dtype = eps, dtype
-        self.scale = param(jnp.ones((dim,), param_dtype), (axis,))
+        self.scale = param(jnp.full((dim,), self.UNIT_SCALE, param_dtype), (axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         variance = jnp.mean(xf * xf, axis=-1, keepdims=True)
         normed = (xf * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * normed
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is an offset, x * (1 + w), all in float32, then cast (HF stores w)."""
+
+    UNIT_SCALE = 0.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
 
 
 class Embed(nnx.Module):
@@ -148,6 +139,8 @@ class Embed(nnx.Module):
 
 class LayerNorm(nnx.Module):
     """torch's LayerNorm with a bias: (x - mean) / sqrt(var + eps) * weight + bias, statistics in float32."""
+
+    UNIT_SCALE = 1.0
 
     def __init__(self, dim: int, *, eps: float, axis: str, dtype: Any, param_dtype: Any):
         self.eps, self.dtype = eps, dtype

@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig, special_token_ids
-from jaxtune.models.layers import Linear, RMSNorm
+from jaxtune.models.layers import ACTIVATIONS, Linear, RMSNorm
 from jaxtune.models.stack import DecoderLM, hf_names
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -81,6 +81,8 @@ hf_tensor_name = hf_names(base="model", head="lm_head")  # model.layers.3.self_a
 
 
 class Attention(nnx.Module):
+    NORM = RMSNorm  # q_norm / k_norm (Qwen3; Gemma 3 swaps in its own)
+
     def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -89,8 +91,8 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, **kw)
         norm_kw = dict(eps=cfg.rms_norm_eps, axis="head_dim", dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(h, **norm_kw) if cfg.qk_norm else None
+        self.q_norm = self.NORM(h, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = self.NORM(h, **norm_kw) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
 
 
@@ -101,12 +103,13 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+        self.act = ACTIVATIONS[cfg.hidden_act]  # silu (SwiGLU); Gemma's tanh GELU (GeGLU)
 
     def __call__(self, x: jax.Array, rngs: tuple | None = None) -> jax.Array:
         r = rngs or (None,) * 3
         gate = checkpoint_name(self.gate_proj(x, r[0]), "mlp_gate")
         up = checkpoint_name(self.up_proj(x, r[1]), "mlp_up")
-        return self.down_proj(jax.nn.silu(gate) * up, r[2])
+        return self.down_proj(self.act(gate) * up, r[2])
 
 
 class Block(nnx.Module):

@@ -27,12 +27,16 @@ from jaxtune.models.config import RopeConfig
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-def config_from_hf(hf: Any) -> RopeConfig:
-    """The RopeConfig of a transformers config (`rope_parameters`, or the legacy `rope_scaling`)."""
-    params = dict(getattr(hf, "rope_parameters", None) or {})
-    legacy = getattr(hf, "rope_scaling", None)
-    if not params and legacy:
-        params = dict(legacy)
+def config_from_hf(hf: Any, params: dict | None = None) -> RopeConfig:
+    """The RopeConfig of a transformers config (`rope_parameters`, or the legacy `rope_scaling`), or of
+    `params`, one entry of a per-layer-type `rope_parameters` (Gemma 3's `full_attention` /
+    `sliding_attention`)."""
+    if params is None:
+        params = dict(getattr(hf, "rope_parameters", None) or {})
+        legacy = getattr(hf, "rope_scaling", None)
+        if not params and legacy:
+            params = dict(legacy)
+    params = dict(params)
     theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
     if theta is None:
         raise ModelLoadError("config.json has no rope_theta (neither in rope_parameters nor at top level)")

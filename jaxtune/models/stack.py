@@ -78,11 +78,13 @@ def stacked_layers(block: type, cfg: ModelConfig, *, dtype: Any, param_dtype: An
     return make(rngs)
 
 
-def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, rng=None):
+def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, scale=None, softcap=None,
+                    rng=None):
     """One decoder layer of any family: `block.qkv`, attention (with this layer's cache when decoding),
     `block.finish`.
 
-    `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v [B, K, S, H]
+    `scale` and `softcap` are the family's score scale and soft cap (ModelConfig.attn_scale /
+    attn_softcap). `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v [B, K, S, H]
     (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache and
     themselves; their own keys and values are returned for the caller to write into the cache
     after the layer scan (x, k, v), so that the scan only reads the cache (writing the stacked
@@ -92,13 +94,14 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
     q, k, v = block.qkv(x, cos, sin, r)
     if kv is None:
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                        kv_positions=positions, sliding_window=window, implementation=attn_impl)
+                        kv_positions=positions, sliding_window=window, scale=scale, softcap=softcap,
+                        implementation=attn_impl)
         return block.finish(x, out, r), None, None
     k_cache, v_cache, kv_positions, kv_segments = kv
     out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
                            v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                            q_positions=positions, kv_positions=kv_positions, sliding_window=window,
-                           implementation=attn_impl)
+                           scale=scale, softcap=softcap, implementation=attn_impl)
     return block.finish(x, out, r), k, v
 
 
@@ -167,9 +170,12 @@ class DecoderLM(nnx.Module):
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.head is None:
-            return self.embedder.attend(hidden)
-        return self.head(hidden)
+        """The head's logits, soft-capped where the family caps them (Gemma 2's final_logit_softcapping)."""
+        logits = self.embedder.attend(hidden) if self.head is None else self.head(hidden)
+        cap = self.cfg.final_softcap
+        if cap is None:
+            return logits
+        return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
     def head_matrix(self) -> tuple[jax.Array, int]:
         """The LM head as (matrix, vocab axis): the tied embedding [V, D] (axis 0) or lm_head's kernel
@@ -193,7 +199,7 @@ class DecoderLM(nnx.Module):
 
         head, vocab_axis = self.head_matrix()
         out = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
-                                    vocab_axis=vocab_axis, with_entropy=with_entropy)
+                                    vocab_axis=vocab_axis, with_entropy=with_entropy, softcap=self.cfg.final_softcap)
         if with_entropy:
             return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
         return out.reshape(targets.shape)
@@ -207,7 +213,7 @@ class DecoderLM(nnx.Module):
 
         head, vocab_axis = self.head_matrix()
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
-                                    weights.reshape(-1), vocab_axis=vocab_axis)
+                                    weights.reshape(-1), vocab_axis=vocab_axis, softcap=self.cfg.final_softcap)
 
     def decode(self, input_ids, segment_ids, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Run `input_ids` [B, T] through the model writing K/V at `cache.index`.
@@ -226,7 +232,15 @@ class DecoderLM(nnx.Module):
     def _run(self, input_ids, segment_ids, positions, cache: KVCache | None, rng=None):
         cfg = self.cfg
         x = self.embed(input_ids)
-        cos, sin = rope_lib.cos_sin(positions, cfg.rope, cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings)
+        # Each distinct RoPE's cos / sin once; a layer picks its own by index (Gemma 3's local / global bases).
+        ropes, rope_index = cfg.ropes
+        tables = [rope_lib.cos_sin(positions, rope, cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings)
+                  for rope in ropes]
+        rope_ids = jnp.asarray(rope_index, jnp.int32)
+        stacked = tuple(jnp.stack(parts) for parts in zip(*tables)) if len(tables) > 1 else None  # [R, B, T, rotary]
+
+        def layer_rope(rope_id):
+            return tables[0] if len(tables) == 1 else (stacked[0][rope_id], stacked[1][rope_id])
         # Each layer's window (0 = none) is always passed as a traced scan input, even when no layer
         # has one: masks that depended only on loop-invariant segment ids and positions were hoisted
         # out of the layer scan by XLA and stacked over every attention tile, O(T^2) memory
@@ -240,7 +254,8 @@ class DecoderLM(nnx.Module):
             return cfg.sliding_windows[0] if static else traced
 
         graphdef, layer_state = nnx.split(self.layers)
-        common = dict(cos=cos, sin=sin, positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation)
+        common = dict(positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation,
+                      scale=cfg.attn_scale, softcap=cfg.attn_softcap)
 
         if cache is None:
             keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
@@ -248,21 +263,24 @@ class DecoderLM(nnx.Module):
             policy = REMAT_POLICIES[self.remat]
 
             def body(x, xs):
-                state, window, key = xs
+                state, window, rope_id, key = xs
                 block = nnx.merge(graphdef, state)
-                x, _, _ = layer_attention(block, x, window=layer_window(window), kv=None, rng=key, **common)
+                cos, sin = layer_rope(rope_id)
+                x, _, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None, rng=key,
+                                          **common)
                 return x, None
 
             def split_body(x, xs):
                 # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
                 # log-sum-exp); only the parts before and after it are under the remat policy.
-                state, window, key = xs
+                state, window, rope_id, key = xs
                 r = self.BLOCK.dropout_keys(key)
+                cos, sin = layer_rope(rope_id)
                 q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
                                          policy=policy, prevent_cse=False)(state, x)
                 out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                kv_positions=positions, sliding_window=layer_window(window),
-                                implementation=self.attn_implementation)
+                                kv_positions=positions, sliding_window=layer_window(window), scale=cfg.attn_scale,
+                                softcap=cfg.attn_softcap, implementation=self.attn_implementation)
                 x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
                                    policy=policy, prevent_cse=False)(state, x, out)
                 return x, None
@@ -271,22 +289,23 @@ class DecoderLM(nnx.Module):
                 step = split_body
             else:
                 step = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            x, _ = jax.lax.scan(step, x, (layer_state, windows, keys))
+            x, _ = jax.lax.scan(step, x, (layer_state, windows, rope_ids, keys))
             return x, None
 
         index = cache.index
 
         def cached_body(x, xs):
-            state, window, k_layer, v_layer = xs
+            state, window, rope_id, k_layer, v_layer = xs
             block = nnx.merge(graphdef, state)
+            cos, sin = layer_rope(rope_id)
             # this layer's cache, materialized: fused into the attention's reductions, the slice of
             # the stacked cache was indexed element by element
             k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
             kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
-            x, k, v = layer_attention(block, x, window=layer_window(window), kv=kv, **common)
+            x, k, v = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
             return x, (k, v)
 
-        x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, cache.k, cache.v))
+        x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, rope_ids, cache.k, cache.v))
 
         def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
             return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),

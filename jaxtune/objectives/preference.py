@@ -170,7 +170,8 @@ class DPO(PreferenceObjective):
 
         head, vocab_axis = model.head_matrix()
         flat = jax.lax.stop_gradient(hidden.reshape(-1, hidden.shape[-1]))
-        sq = linear_log_sum_sq_probs(flat, jax.lax.stop_gradient(head), vocab_axis=vocab_axis).reshape(logps.shape)
+        sq = linear_log_sum_sq_probs(flat, jax.lax.stop_gradient(head), vocab_axis=vocab_axis,
+                                    softcap=model.cfg.final_softcap).reshape(logps.shape)
         aligned = per_example(jax.lax.stop_gradient(logps - sq) * completion, seg, self.examples)
         return L.wpo_weights(aligned[..., 1:].reshape(-1, 2), lengths[..., 1:].reshape(-1, 2))
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxtune.kernels.attention import register_split_sequence_attention
-from jaxtune.kernels.blockwise import Tiles, _backward, _forward
+from jaxtune.kernels.blockwise import Tiles, backward, forward
 
 AXIS = "sequence"
 
@@ -50,11 +50,11 @@ def _weight(lse, total):
     return jnp.moveaxis(w, 3, 1)[..., None]
 
 
-def _ring_forward(q, k, v, qs, ks, rule, scale, bq, bk, ways):
+def _ring_forward(q, k, v, qs, ks, rule, scale, bq, bk, ways, softcap):
     out = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full((q.shape[0], q.shape[2], q.shape[3], q.shape[1]), -jnp.inf, jnp.float32)
     for step in range(ways):
-        out_b, lse_b = _forward(q, k, v, qs, ks, rule, scale, bq, bk)
+        out_b, lse_b = forward(q, k, v, qs, ks, rule, scale, bq, bk, softcap)
         total = jnp.logaddexp(lse, lse_b)
         out = out * _weight(lse, total) + out_b.astype(jnp.float32) * _weight(lse_b, total)
         lse = total
@@ -63,23 +63,24 @@ def _ring_forward(q, k, v, qs, ks, rule, scale, bq, bk, ways):
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _ring(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, ways):
-    return _ring_forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, ways)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _ring(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, ways, softcap):
+    return _ring_forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, ways, softcap)[0]
 
 
-def _ring_fwd(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, ways):
-    out, lse = _ring_forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, ways)
+def _ring_fwd(q, k, v, qs, ks, window, causal, use_window, scale, bq, bk, ways, softcap):
+    out, lse = _ring_forward(q, k, v, qs, ks, (window, causal, use_window), scale, bq, bk, ways, softcap)
     return out, (q, k, v, qs, ks, window, out, lse)
 
 
-def _ring_bwd(causal, use_window, scale, bq, bk, ways, res, d_out):
+def _ring_bwd(causal, use_window, scale, bq, bk, ways, softcap, res, d_out):
     q, k, v, qs, ks, window, out, lse = res
     rule = (window, causal, use_window)
     dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for step in range(ways):
-        dq_b, dk_b, dv_b = _backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast=False)
+        dq_b, dk_b, dv_b = backward(q, k, v, qs, ks, out, lse, d_out, rule, scale, bq, bk, cast=False,
+                                    softcap=softcap)
         dq, dk, dv = dq + dq_b, dk + dk_b, dv + dv_b
         if step < ways - 1:
             k, v, ks, dk, dv = _rotate((k, v, ks, dk, dv), ways)
@@ -100,7 +101,7 @@ def _axes_dividing(size: int, names: tuple[str, ...], mesh) -> tuple[str, ...] |
 
 
 def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                   causal: bool, sliding_window, scale: float):
+                   causal: bool, sliding_window, scale: float, softcap: float | None = None):
     """Attention of q [B, T, N, H] over k, v [B, T, K, H] (the same tokens: training, not a KV
     cache) with T split over the mesh's `sequence` axis; same masking and result as
     `kernels.attention.attention`. Batch and heads stay split as the mesh has them (batch over
@@ -120,7 +121,7 @@ def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_p
     def local(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window):
         tiles = Tiles.of(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window)
         out = _ring(tiles.q, tiles.k, tiles.v, tiles.qs, tiles.ks, tiles.window, causal, tiles.use_window,
-                    float(scale), tiles.bq, tiles.bk, ways)
+                    float(scale), tiles.bq, tiles.bk, ways, softcap)
         return tiles.unpad(out)
 
     window_spec = None if window is None else PartitionSpec()

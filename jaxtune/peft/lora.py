@@ -1,6 +1,8 @@
 """LoRA with PEFT's math: W' = W + s * B @ A, s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
-Adapters are a parameter type (`nnx.LoRAParam`) on the layers' `Linear` modules, stacked over
+Adapters come by model surgery: a targeted projection (a `Linear` of the layers) is replaced by a
+`LoraLinear` holding the same kernel and bias (an `NF4LoraLinear` for QLoRA's NF4Linear), so parameter
+paths do not change. Adapters are a parameter type (`nnx.LoRAParam`), stacked over
 layers like the kernels they adapt: `lora_a` [layers, in, r] and `lora_b` [layers, r, out] (PEFT
 stores A as [r, in] and B as [out, r]; the export transposes). A is initialised as PEFT does
 (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B as zeros. Which layers are
@@ -36,9 +38,12 @@ from safetensors.numpy import load_file
 
 from jaxtune.checkpoint.io import TensorToWrite, atomic_directory, read_json_file
 from jaxtune.errors import JaxtuneError, ModelLoadError
+from jax.ad_checkpoint import checkpoint_name
+
 from jaxtune.models import family_for
 from jaxtune.models.layers import Linear
 from jaxtune.parallel.mesh import to_host
+from jaxtune.peft.qlora import NF4Linear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -139,13 +144,7 @@ class LoraSpec:
 
 def layer_linears(model) -> dict[str, Linear]:
     """The stacked layers' projections by PEFT name (the family's LORA_TARGETS)."""
-    out = {}
-    for name, parent in lora_targets(model).items():
-        holder = model.layers
-        for part in parent.split("."):
-            holder = getattr(holder, part)
-        out[name] = getattr(holder, name)
-    return out
+    return {name: getattr(_holder(model, name), name) for name in lora_targets(model)}
 
 
 def add_lora(model, spec: LoraSpec, key: jax.Array):
@@ -162,24 +161,76 @@ def add_lora(model, spec: LoraSpec, key: jax.Array):
         if not gates.any():
             continue
         adapted += 1
-        axes = linear.kernel.get_metadata().get("out_sharding") or ("layers", None, None)
         bound = 1.0 / math.sqrt(linear.in_features)
         a = jax.random.uniform(jax.random.fold_in(key, i), (num_layers, linear.in_features, spec.r), jnp.float32,
                                -bound, bound)
         b = jnp.zeros((num_layers, spec.r, linear.out_features), jnp.float32)
-        _attach(linear, spec, a, b, gates, axes)
+        _attach(model, name, spec, a, b, gates)
     if not adapted:
         raise JaxtuneError(f"lora target modules {spec.targets!r} match none of the model's projections "
                            f"({', '.join(lora_targets(model))})")
     return model
 
 
-def _attach(linear: Linear, spec: LoraSpec, a, b, gates: np.ndarray, axes) -> None:
-    linear.lora_a = nnx.LoRAParam(a, sharding_names=(axes[0], axes[1], None), eager_sharding=False)
-    linear.lora_b = nnx.LoRAParam(b, sharding_names=(axes[0], None, axes[2]), eager_sharding=False)
-    linear.lora_gate = None if gates.all() else nnx.Variable(jnp.asarray(gates))
-    linear.lora_scale = spec.scale
-    linear.lora_dropout = spec.dropout
+class LoraLinear(Linear):
+    """A projection with a LoRA adapter, PEFT's formula:
+
+        y = x @ W (+ bias) + scale * gate * (dropout(x) @ lora_a) @ lora_b     lora_a [in, r], lora_b [r, out]
+
+    `gate` is 1 (or 0 for layers outside `peft_layers_to_transform`; `lora_gate` is None when every
+    layer is adapted). Built from the Linear it replaces, whose kernel and bias it keeps."""
+
+    KERNEL_AS_STORED = False
+
+    def __init__(self, base: Linear, a: nnx.LoRAParam, b: nnx.LoRAParam, gate: nnx.Variable | None, scale: float,
+                 dropout: float):
+        self.adopt(base)
+        self.lora_a, self.lora_b, self.lora_gate = a, b, gate
+        self.lora_scale, self.lora_dropout = scale, dropout
+
+    def merged_kernel(self, layer: int | None = None, dtype=jnp.float32) -> jax.Array:
+        pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
+        gate = 1.0 if self.lora_gate is None else pick(self.lora_gate.get_value())
+        delta = pick(self.lora_a.get_value()).astype(jnp.float32) @ pick(self.lora_b.get_value()).astype(jnp.float32)
+        return (super().merged_kernel(layer, jnp.float32) + (self.lora_scale * gate) * delta).astype(dtype)
+
+    def _forward(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        y = super()._forward(x, rng)
+        h = x
+        if rng is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        a = self.lora_a[...].astype(self.dtype)
+        b = self.lora_b[...].astype(self.dtype)
+        # The [tokens, r] hidden is saved for the backward pass (tiny); everything else of the
+        # adapter is recomputed or follows from the named projection outputs.
+        delta = checkpoint_name(h @ a, "lora_hidden") @ b
+        scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
+        return y + delta * jnp.asarray(scale, self.dtype)
+
+
+class NF4LoraLinear(LoraLinear, NF4Linear):
+    """QLoRA: a LoRA adapter on an NF4Linear (its kernel dequantized inside the matmul)."""
+
+
+def _holder(model, name: str):
+    """The module of the layers that holds projection `name` (e.g. model.layers.self_attn)."""
+    holder = model.layers
+    for part in lora_targets(model)[name].split("."):
+        holder = getattr(holder, part)
+    return holder
+
+
+def _attach(model, name: str, spec: LoraSpec, a, b, gates: np.ndarray) -> None:
+    """Model surgery: projection `name` becomes a LoRA projection with adapters a, b [layers, ...]."""
+    holder = _holder(model, name)
+    linear = getattr(holder, name)
+    axes = linear.kernel.get_metadata().get("out_sharding") or ("layers", None, None)
+    lora_a = nnx.LoRAParam(a, sharding_names=(axes[0], axes[1], None), eager_sharding=False)
+    lora_b = nnx.LoRAParam(b, sharding_names=(axes[0], None, axes[2]), eager_sharding=False)
+    gate = None if gates.all() else nnx.Variable(jnp.asarray(gates))
+    cls = NF4LoraLinear if isinstance(linear, NF4Linear) else LoraLinear  # (new adapters replace old ones)
+    setattr(holder, name, cls(linear, lora_a, lora_b, gate, spec.scale, spec.dropout))
 
 
 def trainable_filter(model, spec: LoraSpec | None):
@@ -195,7 +246,7 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
     prefix = "base_model.model."
     tensors = []
     for name, linear in layer_linears(model).items():
-        if linear.lora_a is None:
+        if not isinstance(linear, LoraLinear):
             continue
         gates = np.ones(model.cfg.num_layers) if linear.lora_gate is None else to_host(linear.lora_gate[...])
         for layer in np.flatnonzero(gates):
@@ -272,8 +323,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
                                      f"/ {parts['lora_B'].shape} do not fit r={spec.r} and the model")
             a[layer], b[layer], gates[layer] = parts["lora_A"].T, parts["lora_B"].T, 1.0
         if gates.any():
-            axes = linear.kernel.get_metadata().get("out_sharding") or ("layers", None, None)
-            _attach(linear, spec, jnp.asarray(a), jnp.asarray(b), gates, axes)
+            _attach(model, name, spec, jnp.asarray(a), jnp.asarray(b), gates)
     if pairs:
         raise ModelLoadError(f"{adapter_dir}: adapter modules {', '.join(sorted(pairs)[:3])} match no projection "
                              "of the layers")

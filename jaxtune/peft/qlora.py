@@ -3,20 +3,49 @@
 `quantizing_place` wraps the loader's placement callback: each stacked projection kernel is
 quantized (HF's [out, in] orientation, so the blocks run along `in` as in bitsandbytes) the moment
 it is read, so the float copy of the whole model never exists at once: peak host memory is the
-quantized model plus one float parameter. `mark_quantized` then turns those parameters into
-frozen `QuantizedKernel` variables that `Linear` dequantizes inside its matmul. Embeddings, norms,
-biases and the LM head stay in float (bitsandbytes also keeps `lm_head` unquantized).
+quantized model plus one float parameter. `mark_quantized` then does the model surgery: each
+projection holding an NF4Tensor is replaced by an `NF4Linear` (same parameter path) whose frozen
+`QuantizedKernel` is dequantized inside the matmul. Embeddings, norms, biases and the LM head stay
+in float (bitsandbytes also keeps `lm_head` unquantized). LoRA on an NF4Linear is
+`jaxtune.peft.lora.NF4LoraLinear`.
 """
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxtune.kernels.nf4 import NF4Tensor, nf4_quantize
-from jaxtune.models.layers import Linear, QuantizedKernel
+from jaxtune.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from jaxtune.models.layers import Linear
+
+
+class QuantizedKernel(nnx.Variable):
+    """A frozen kernel stored quantized (its value is a `jaxtune.kernels.nf4.NF4Tensor`)."""
+
+
+class NF4Linear(Linear):
+    """A Linear whose frozen kernel is NF4, stored as HF's [out, in] (the blocks run along `in`, as in
+    bitsandbytes) and dequantized to the compute dtype inside the matmul."""
+
+    KERNEL_AS_STORED = False
+
+    def __init__(self, base: Linear):
+        self.adopt(base)
+        if not isinstance(self.kernel, QuantizedKernel):
+            self.kernel = QuantizedKernel(self.kernel.get_value())
+
+    def dense_kernel(self, dtype: Any = None) -> jax.Array:
+        return jnp.swapaxes(nf4_dequantize(self.kernel.get_value(), dtype or self.dtype), -1, -2)
+
+    def merged_kernel(self, layer: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
+        value = self.kernel.get_value()
+        if layer is not None:
+            value = jax.tree.map(lambda a: a[layer], value)
+        return jnp.swapaxes(nf4_dequantize(value, jnp.float32), -1, -2).astype(dtype)
 
 
 def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
@@ -32,11 +61,11 @@ def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
 
 
 def mark_quantized(model):
-    """Replace kernels holding an NF4Tensor by frozen QuantizedKernel variables (in place)."""
-    for _, linear in nnx.iter_graph(model.layers):
-        if not isinstance(linear, Linear):
-            continue
-        value = linear.kernel.get_value()
-        if isinstance(value, NF4Tensor):
-            linear.kernel = QuantizedKernel(value)
+    """Model surgery: each projection of the layers whose kernel holds an NF4Tensor becomes an
+    NF4Linear (in place); returns the model."""
+    swaps = [(module, name, child) for _, module in nnx.iter_graph(model.layers) if isinstance(module, nnx.Module)
+             for name, child in vars(module).items()
+             if type(child) is Linear and isinstance(child.kernel.get_value(), NF4Tensor)]
+    for module, name, child in swaps:
+        setattr(module, name, NF4Linear(child))
     return model
