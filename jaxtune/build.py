@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune import bundled
-from jaxtune.checkpoint.hf import check_remote_code, load_model
+from jaxtune.checkpoint.hf import check_remote_code, load_model, read_hf_config
 from jaxtune.errors import JaxtuneError
 from jaxtune.kernels.attention import IMPLEMENTATIONS, best_backend
 from jaxtune.logging import info, warn_once
@@ -89,8 +89,6 @@ def reinitialize(model, path, seed: int) -> None:
     each parameter's dtype and placement."""
     from flax import nnx
 
-    from jaxtune.checkpoint.hf import read_hf_config
-
     std = float(read_hf_config(path)[0].get("initializer_range", 0.02))
     key = jax.random.key(seed)
     # a norm's scale starts where it only normalizes: 1, or 0 for Gemma's 1 + w
@@ -122,7 +120,8 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None
     if cfg.adapter == "qlora":
         from jaxtune.peft.qlora import quantizing_place
 
-        place = quantizing_place(place, double_quant=cfg.bnb_4bit_use_double_quant)
+        place = quantizing_place(place, architecture=read_hf_config(path)[1],
+                                 double_quant=cfg.bnb_4bit_use_double_quant, experts=cfg.quantize_moe_experts)
     # Frozen weights are stored in the compute dtype; trained ones in the trainable dtype.
     param_dtype = precision.frozen if cfg.adapter else precision.trainable
     compute = cfg.bnb_4bit_compute_dtype if cfg.adapter == "qlora" and cfg.bnb_4bit_compute_dtype else precision.compute
@@ -143,7 +142,9 @@ def build_model(cfg, tokenizer=None, *, key: jax.Array | None = None, place=None
     if cfg.adapter:
         key = jax.random.key(cfg.seed) if key is None else key
         if cfg.lora_model_dir:
-            spec = lora.load_adapter(model, bundled.resolve(cfg.lora_model_dir), dropout=cfg.lora_dropout)
+            from jaxtune.peft.adapter import load_adapter
+
+            spec = load_adapter(model, bundled.resolve(cfg.lora_model_dir), dropout=cfg.lora_dropout)
             info(f"continuing the adapter in {cfg.lora_model_dir} (r={spec.r}, alpha={spec.alpha:g})")
             _warn_adapter_overrides(cfg, spec, tuple(lora.lora_targets(model)))
         else:

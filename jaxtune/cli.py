@@ -35,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     from jaxtune import bundled
     from jaxtune.errors import JaxtuneError
     from jaxtune.generate import SamplingConfig, generate
-    from jaxtune.peft.lora import merge_peft_adapter
+    from jaxtune.peft.adapter import merge_peft_adapter
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
@@ -109,6 +109,26 @@ _HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".gz", ".zst")
 
 
+
+def _check_adapter_sites(cfg, architecture: str) -> None:
+    """lora_target_modules and lora_target_parameters against the family's adapter sites."""
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.models import family_for
+
+    if not cfg.adapter:
+        return
+    family = family_for(architecture)
+    targets, params = family.LORA_TARGETS, getattr(family, "LORA_PARAMETERS", {})
+    if isinstance(cfg.lora_target_modules, list):
+        unknown = [t for t in cfg.lora_target_modules if t not in targets]
+        if unknown:
+            raise JaxtuneError(f"lora_target_modules: {', '.join(unknown)} are not projections of "
+                               f"{architecture}'s layers; it has {', '.join(targets)}")
+    unknown = [t for t in cfg.lora_target_parameters or () if not any(p == t or p.endswith("." + t) for p in params)]
+    if unknown:
+        raise JaxtuneError(f"lora_target_parameters: {', '.join(unknown)} name no parameter of {architecture}'s "
+                           f"layers; it has {', '.join(params) or 'none (it is not a mixture of experts)'}")
+
 def _check_sources(cfg) -> list[str]:
     """Lines about where base_model and the datasets come from; an error for a path that exists nowhere."""
     import re
@@ -117,23 +137,18 @@ def _check_sources(cfg) -> list[str]:
     from jaxtune import bundled
     from jaxtune.checkpoint.hf import check_remote_code, read_hf_config
     from jaxtune.errors import JaxtuneError
-    from jaxtune.models import family_for
 
     lines = []
     model = str(cfg.base_model or "")
     if not model:
         raise JaxtuneError("base_model is not set")
     if model.startswith(bundled.PREFIX):
+        _check_adapter_sites(cfg, "LlamaForCausalLM")  # SmolLM2
         lines.append(f"base_model: {model} (the bundled model, prepared on first use)")
     elif Path(model).is_dir():
         _, architecture = read_hf_config(model)  # names a missing config.json or an unsupported architecture
         check_remote_code(model, cfg.trust_remote_code)
-        targets = family_for(architecture).LORA_TARGETS
-        if cfg.adapter and isinstance(cfg.lora_target_modules, list):
-            unknown = [t for t in cfg.lora_target_modules if t not in targets]
-            if unknown:
-                raise JaxtuneError(f"lora_target_modules: {', '.join(unknown)} are not projections of "
-                                   f"{architecture}'s layers; it has {', '.join(targets)}")
+        _check_adapter_sites(cfg, architecture)
         lines.append(f"base_model: {model} ({architecture})")
     elif re.fullmatch(_HUB_ID, model):
         lines.append(f"base_model: {model} is a Hugging Face hub id, not a local directory: jaxtune downloads nothing "

@@ -136,16 +136,16 @@ def _shard_factor(variable, mesh, exclude) -> int:
     return factor
 
 
-def _state_bytes(state, mesh, exclude=(), nf4: bool = False) -> int:
-    """Per-device bytes of an abstract nnx State on `mesh`; with `nf4`, the layers' linear kernels
-    as NF4 (QLoRA: 4 bits, plus a float32 absmax per 64 values, double-quantized or not alike)."""
+def _state_bytes(state, mesh, exclude=(), nf4: frozenset = frozenset()) -> int:
+    """Per-device bytes of an abstract nnx State on `mesh`; the kernels at the paths in `nf4` as NF4
+    (QLoRA's projections: 4 bits, plus a float32 absmax per 64 values, double-quantized or not alike)."""
     from flax import nnx
 
     total = 0
     for path, variable in nnx.to_flat_state(state):
         value = variable.get_value()
         per_element = np.dtype(value.dtype).itemsize
-        if nf4 and path[0] == "layers" and path[-1] == "kernel":
+        if tuple(str(p) for p in path) in nf4:
             per_element = 0.5 + 4 / 64
             factor = mesh.shape["fsdp"] if "fsdp" not in exclude and mesh.shape["fsdp"] > 1 else 1
         else:
@@ -179,12 +179,18 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     mlp = inter / (tensor if inter % tensor == 0 else 1)
     attention = resolve_attention(cfg)
     remat = resolve_remat(cfg)
-    named = 2 * q_dim + 2 * kv_dim + d + 2 * mlp
+    moe = mcfg.num_experts > 0  # a MoE layer saves none of its expert activations (recomputed)
+    named = 2 * q_dim + 2 * kv_dim + d + (0 if moe else 2 * mlp)
     own_vjp = (q_dim + kv_dim) if attention in OWN_VJP else 0
     kept = d + own_vjp + {"none": named, "dots": named + 2 * d, "full": 0}[remat]
-    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + 3 * mlp
+    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + (0 if moe else 3 * mlp)
     saved = layers * tokens * kept * compute_bytes
     working = tokens * layer_tensors * compute_bytes * 2
+    if moe:  # the running layer's token copies (top-k per token) through its experts, and their gradients
+        copies = tokens * mcfg.experts_per_token
+        working += copies * (2 * d + 3 * mcfg.moe_intermediate_size) * compute_bytes * 2
+        if mesh_plan.expert > 1:  # dispatch: a slot block per expert device for every copy, out and back
+            working += 2 * mesh_plan.expert * copies * d * compute_bytes * 2
     local_heads = heads / split_heads
     if attention == "xla":  # float32 scores and probabilities of the layer that runs
         attn = micro_batch * local_heads * (seq / mesh_plan.sequence) * seq * 4 * 2
@@ -208,10 +214,14 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
 
     platform = platform or jax.default_backend()
     mesh_plan = plan_for(cfg, devices)
-    mesh = AbstractMesh((mesh_plan.data, mesh_plan.fsdp, mesh_plan.sequence, mesh_plan.tensor), AXES)
+    mesh = AbstractMesh((mesh_plan.data, mesh_plan.fsdp, mesh_plan.expert, mesh_plan.sequence, mesh_plan.tensor), AXES)
     frozen, trainable, mcfg, precision = abstract or _abstract_state(cfg)
     exclude = () if mesh_plan.stage == 3 else ("fsdp",)
-    params_frozen = _state_bytes(frozen, mesh, exclude, nf4=cfg.adapter == "qlora")
+    from jaxtune.peft.qlora import projection_paths
+
+    nf4 = frozenset(projection_paths(mcfg.architecture, cfg.quantize_moe_experts)) if cfg.adapter == "qlora" \
+        else frozenset()
+    params_frozen = _state_bytes(frozen, mesh, exclude, nf4=nf4)
     params_trained = _state_bytes(trainable, mesh, exclude)
     gradients = _state_bytes(trainable, mesh)  # sharded like the optimizer state at every stage
     trained_total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(trainable))

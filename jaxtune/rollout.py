@@ -84,7 +84,7 @@ class Rollouts:
                                   shuffle=not cfg.curriculum_sampling,
                                   seed=cfg.seed, shard_index=0, shard_count=1, collate=_keep_rows)
         self.eval_rows = data.eval if data.eval is not None and len(data.eval) else None
-        ranks = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        ranks = self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
         self.rows_per_micro = cfg.micro_batch_size // self.shape.per_row * ranks
         longest = cfg.sequence_len + self.shape.per_row * (self.max_new + 1)
         self.buckets = row_buckets(longest)

@@ -30,7 +30,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def export(model, spec, tokenizer, output_dir: Path, *, base_model: str | None) -> dict[str, Path]:
     """Write hf/ (merged) and, with an adapter, adapter/ (PEFT) into output_dir."""
     from jaxtune.checkpoint.hf import save_pretrained
-    from jaxtune.peft.lora import save_adapter
+    from jaxtune.peft.adapter import save_adapter
 
     written = {"hf": save_pretrained(model, output_dir / "hf", tokenizer=tokenizer)}
     if spec is not None:
@@ -63,6 +63,7 @@ def run(cfg: Config) -> TrainResult:
     from jaxtune.trainer import Trainer
 
     from jaxtune.parallel.distributed import initialize
+    from jaxtune.parallel.experts import check_expert_parallel
     from jaxtune.parallel.mesh import loading_place, plan_for
 
     initialize(cfg)
@@ -74,6 +75,7 @@ def run(cfg: Config) -> TrainResult:
     mesh_plan = plan_for(cfg)
     objective = objective_for(cfg, data, ranks=mesh_plan.batch_ranks)
     model, spec, precision = build_model(cfg, data.tokenizer, place=loading_place(mesh_plan, mesh_plan.make()))
+    check_expert_parallel(mesh_plan.expert, model.cfg, cfg.quantize_moe_experts)
     trains, masks = trained_parameters(cfg, model, spec)
     trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trains, update_masks=masks,
                       output_dir=output_dir, mesh_plan=mesh_plan)

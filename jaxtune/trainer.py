@@ -34,6 +34,7 @@ from jaxtune.data.loader import BatchLoader
 from jaxtune.early_stopping import BestModel
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import MetricsWriter, Progress, info, warn
+from jaxtune.models.moe import router_terms
 from jaxtune.objectives.reference import reference_model
 from jaxtune.optim import build_optimizer
 from jaxtune.parallel import mesh as M
@@ -103,9 +104,11 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
     a reduce-scatter, not an all-reduce); `opt_device_shardings` brings an optimizer state kept in
     host memory to the devices for the update (it goes back by `state_shardings`)."""
 
-    def micro_loss(trainable, frozen, micro, key, ref, totals):
+    def micro_loss(trainable, frozen, micro, key, ref, totals, micro_batches):
         model = nnx.merge(graphdef, trainable, frozen)
-        return objective.loss(model, micro, key if use_rng else None, ref, totals)
+        model.collect_router_stats = True
+        loss, sums = objective.loss(model, micro, key if use_rng else None, ref, totals)
+        return with_router_loss(model, loss, sums, totals["weight"] / micro_batches)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -118,7 +121,7 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
 
         def grads_of(micro, key):
             ref = _reference_of(graphdef, objective, reference, trainable, frozen, ref_params, micro)
-            return grad_fn(trainable, frozen, micro, key, ref, totals)
+            return grad_fn(trainable, frozen, micro, key, ref, totals, micro_batches)
 
         def zeros():
             (_, metric_shapes), _ = jax.eval_shape(grads_of, first, keys[0])
@@ -152,6 +155,27 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
     step_fn = jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
     step_fn.traces = 0
     return step_fn
+
+
+def with_router_loss(model, loss, sums: dict, share) -> tuple[jax.Array, dict]:
+    """A mixture-of-experts model's load-balancing loss (transformers': router_aux_loss_coef times
+    load_balancing_loss_func of the policy's forward pass, per micro-batch) added to the objective's
+    loss, and logged: `aux_loss`, each layer's most loaded expert (`expert_load_max/layer_i`: its share
+    of the routed slots times E, 1 when balanced) and the overall `expert_load_max` / `expert_load_min`.
+    `share` = the batch's weight over the micro-batches, so that after the trainer divides by the
+    weight each is the mean over micro-batches. A dense model's loss and sums pass unchanged."""
+    terms = router_terms(model)
+    if terms is None:
+        return loss, sums
+    aux, load = terms
+    coef = model.cfg.router_aux_loss_coef
+    if coef:
+        loss = loss + coef * aux * share
+    sums = dict(sums, aux_loss=aux * share, expert_load_max=jnp.max(load) * share,
+                expert_load_min=jnp.min(load) * share)
+    for i in range(load.shape[0]):
+        sums[f"expert_load_max/layer_{i}"] = jnp.max(load[i]) * share
+    return loss, sums
 
 
 def normalize(objective, sums: dict, totals: dict) -> dict:

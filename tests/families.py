@@ -38,7 +38,7 @@ def check_greedy_matches_transformers(model_dir: Path, eos: int = 2, pad: int = 
         assert out.tokens[row, : out.lengths[row]].tolist() == ref[0, len(prompt):].tolist(), prompt
 
 
-def check_qlora_trains_and_adapter_loads(model_dir: Path, tmp_path: Path, targets: list[str]) -> None:
+def check_qlora_trains_and_adapter_loads(model_dir: Path, tmp_path: Path, targets: list[str], **keys) -> None:
     """QLoRA (NF4 projections) through `jaxtune.train` on a family's tiny model (vocabulary 96): the loss
     falls, the adapter names the family's PEFT targets, and the exported PEFT adapter on the base model
     gives the merged export's logits in transformers + PEFT."""
@@ -60,7 +60,7 @@ def check_qlora_trains_and_adapter_loads(model_dir: Path, tmp_path: Path, target
                         "adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "lora_r": 8,
                         "lora_alpha": 16, "micro_batch_size": 4, "max_steps": 20, "learning_rate": 5e-3,
                         "lr_scheduler": "constant", "output_dir": str(tmp_path / "out"),
-                        "dataset_prepared_path": str(tmp_path / "prep"), "save_strategy": "no"})
+                        "dataset_prepared_path": str(tmp_path / "prep"), "save_strategy": "no", **keys})
     train.run(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
@@ -70,10 +70,12 @@ def check_qlora_trains_and_adapter_loads(model_dir: Path, tmp_path: Path, target
     # QLoRA trains against the NF4-dequantized base, and the merged export holds it plus the adapter: the
     # PEFT adapter on that same base (exported from the quantized model without an adapter) must give
     # the merged export's logits, to fp32 rounding
-    from jaxtune.checkpoint.hf import load_model
+    from jaxtune.checkpoint.hf import load_model, load_model_config
     from jaxtune.peft.qlora import mark_quantized, quantizing_place
 
-    nf4 = mark_quantized(load_model(model_dir, place=quantizing_place(None, double_quant=cfg.bnb_4bit_use_double_quant)))
+    place = quantizing_place(None, architecture=load_model_config(model_dir).architecture,
+                             double_quant=cfg.bnb_4bit_use_double_quant, experts=cfg.quantize_moe_experts)
+    nf4 = mark_quantized(load_model(model_dir, place=place))
     jaxtune.save_pretrained(nf4, tmp_path / "nf4_base")
     ids = np.random.default_rng(1).integers(0, 96, (1, 16))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf", dtype=torch.float32)

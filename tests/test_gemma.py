@@ -19,7 +19,7 @@ from families import (
     check_qlora_trains_and_adapter_loads,
     check_round_trip_is_bit_exact,
 )
-from test_mesh import _mesh_runs
+from test_mesh import FAMILY_MESHES, _mesh_runs
 from test_train_step import check_lora_steps_match_peft
 from transformers import Gemma2Config, Gemma3TextConfig
 
@@ -157,9 +157,9 @@ def test_qlora_trains_and_adapter_loads_in_peft(tmp_path, gemma3_dir):
 
 
 def test_mesh_training_equals_single_device(tmp_path):
-    """Gemma 2 with both caps and alternating windows on the meshes of test_mesh (fsdp; fsdp x sequence:
-    ring attention with the cap; data x fsdp x tensor; ZeRO-2 offload)."""
+    """Gemma 2 with both caps and alternating windows on the family meshes of test_mesh (fsdp x sequence:
+    ring attention with the cap; data x fsdp x tensor)."""
     cfg = _config(Gemma2Config, vocab_size=128, intermediate_size=128, max_position_embeddings=128,
                   num_hidden_layers=2, **HARD_CAPS)
-    result = _mesh_runs(save_tiny(tmp_path, cfg, "gemma2_8"), "lora")
+    result = _mesh_runs(save_tiny(tmp_path, cfg, "gemma2_8"), "lora", FAMILY_MESHES)
     assert result["fsdp4_sequence2"]["ring_calls"] > 0

@@ -114,7 +114,7 @@ def test_adapter_merge_matches_peft(tmp_path, tiny):
     ids = np.random.default_rng(0).integers(0, 64, (1, 12))
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
-    from jaxtune.peft.lora import merge_peft_adapter
+    from jaxtune.peft.adapter import merge_peft_adapter
 
     model, _ = jaxtune.load_pretrained(path)
     plain = np.asarray(model(jnp.asarray(ids)))

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from jaxtune.checkpoint.hf import load_model
+    from jaxtune.checkpoint.hf import load_model, load_model_config
     from jaxtune.config import build_config
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent(
     traced_ring = ring.ring_attention
     ring.ring_attention = lambda *a, **k: ring_calls.append(1) or traced_ring(*a, **k)
     path, kind = sys.argv[1], sys.argv[2]
+    only = sys.argv[3].split(",") if len(sys.argv) > 3 else None  # some of the meshes below
     adapter = kind in ("lora", "qlora")
 
     def batch(i):  # [accumulation 1, batch 8, length 32], three packed samples and padding per row
@@ -47,7 +48,9 @@ SCRIPT = textwrap.dedent(
 
     def run(plan):
         if kind == "qlora":  # NF4 frozen kernels (double-quantized), as build_model makes them
-            model = load_model(path, attn_implementation="blockwise", place=quantizing_place(None, double_quant=True))
+            arch = load_model_config(path).architecture
+            model = load_model(path, attn_implementation="blockwise",
+                               place=quantizing_place(None, architecture=arch, double_quant=True))
             mark_quantized(model)
         else:
             model = load_model(path, attn_implementation="blockwise")
@@ -89,6 +92,8 @@ SCRIPT = textwrap.dedent(
               "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
               "zero2_offload_fsdp8": {"fsdp": 8, "stage": 2, "offload_optimizer": True}}
     for name, kw in meshes.items():
+        if only is not None and name not in only:
+            continue
         if kind != "qlora" or name in ("fsdp8", "data2_fsdp2_tensor2"):
             result[name] = run(M.MeshPlan(**kw))
     print("RESULT " + json.dumps(result))
@@ -103,10 +108,18 @@ def tiny8(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("mesh"), cfg, "tiny8")
 
 
-def _mesh_runs(path, adapter) -> dict:
-    """Each mesh's run of SCRIPT (8 forced CPU devices) checked against the single-device run."""
+# What a model family changes on a mesh: its layers' parameter axes (tensor and fsdp splits) and its
+# attention under ring attention. The other meshes (fsdp8, ZeRO-2 with offload) exercise placement
+# machinery no family touches; the Llama tests run every mesh.
+FAMILY_MESHES = ("fsdp4_sequence2", "data2_fsdp2_tensor2")
+
+
+def _mesh_runs(path, adapter, meshes: tuple[str, ...] | None = None) -> dict:
+    """Each mesh's run of SCRIPT (8 forced CPU devices; `meshes`: only those) checked against the
+    single-device run."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), adapter], capture_output=True, text=True,
+    extra = [",".join(meshes)] if meshes is not None else []
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), adapter, *extra], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -126,7 +139,7 @@ def test_gpt_neox_mesh_training_equals_single_device(tmp_path):
 
     cfg = GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=128)
-    result = _mesh_runs(save_tiny(tmp_path, cfg, "neox8"), "lora")
+    result = _mesh_runs(save_tiny(tmp_path, cfg, "neox8"), "lora", FAMILY_MESHES)
     assert result["fsdp4_sequence2"]["ring_calls"] > 0
     qkv = "[1]['layers']['attention']['query_key_value']['kernel'].value"
     assert result["data2_fsdp2_tensor2"]["specs"][qkv][0] == [None, "fsdp", "tensor"]

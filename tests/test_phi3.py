@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import hf_logits, save_tiny
 from families import check_greedy_matches_transformers, check_qlora_trains_and_adapter_loads, check_round_trip_is_bit_exact
-from test_mesh import _mesh_runs
+from test_mesh import FAMILY_MESHES, _mesh_runs
 from test_train_step import check_lora_steps_match_peft
 from transformers import Phi3Config
 
@@ -79,7 +79,7 @@ def test_lora_steps_match_peft(phi3_dir):
 def test_mesh_training_equals_single_device(tmp_path):
     cfg = _config(vocab_size=128, intermediate_size=128, max_position_embeddings=128,
                   original_max_position_embeddings=128)
-    result = _mesh_runs(save_tiny(tmp_path, cfg, "phi3_8"), "lora")
+    result = _mesh_runs(save_tiny(tmp_path, cfg, "phi3_8"), "lora", FAMILY_MESHES)
     assert result["fsdp4_sequence2"]["ring_calls"] > 0
 
 

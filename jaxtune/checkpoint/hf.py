@@ -33,7 +33,7 @@ from jaxtune.checkpoint.io import (
 )
 from jaxtune.errors import ModelLoadError
 from jaxtune.logging import warn_once
-from jaxtune.models import family_for
+from jaxtune.models import family_for, tensor_parts
 from jaxtune.parallel.mesh import to_host
 
 _DTYPES = {
@@ -168,7 +168,7 @@ def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="
     used: set[str] = set()
     place = place or (lambda _path, host, _axes: jax.device_put(host))
     for ppath, var in _param_paths(state):
-        host = _assemble(reader, family, ppath, var.get_value(), pdtype, cfg.num_layers, used)
+        host = _assemble(reader, family, cfg, ppath, var.get_value(), pdtype, used)
         var.set_value(place(ppath, host, var.get_metadata()["out_sharding"]))
         del host
     unknown = sorted(n for n in set(reader.names()) - used if not n.endswith(_IGNORED_SUFFIXES)
@@ -182,28 +182,28 @@ def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="
     return nnx.merge(graphdef, state)
 
 
-def _assemble(reader, family, ppath, abstract, pdtype, num_layers, used) -> np.ndarray:
+def _assemble(reader, family, cfg, ppath, abstract, pdtype, used) -> np.ndarray:
     stacked = ppath[0] == "layers"
     transpose = ppath[-1] == "kernel"
     out = aligned_empty(abstract.shape, pdtype)
-    for layer in range(num_layers) if stacked else [None]:
-        name = family.hf_tensor_name(ppath, layer)
-        if name not in reader:
-            raise ModelLoadError(f"tensor {name} is missing from {reader.directory}")
-        target = out[layer] if stacked else out
-        expected = target.shape[::-1] if transpose else target.shape
-        actual = reader.shape(name)
-        if tuple(actual) != tuple(expected):
-            raise ModelLoadError(
-                f"tensor {name} in {reader.file_of(name)} has shape {tuple(actual)}, but config.json implies "
-                f"{tuple(expected)}"
-            )
-        if not transpose and reader.dtype(name) == pdtype:
-            reader.read_into(name, target)  # straight into the parameter buffer
-        else:
-            tensor = reader.get(name)
-            target[...] = (tensor.T if transpose else tensor).astype(pdtype, copy=False)
-        used.add(name)
+    for layer in range(cfg.num_layers) if stacked else [None]:
+        for name, index in tensor_parts(family, cfg, ppath, layer):
+            if name not in reader:
+                raise ModelLoadError(f"tensor {name} is missing from {reader.directory}")
+            target = (out[layer] if stacked else out)[index]
+            expected = target.shape[::-1] if transpose else target.shape
+            actual = reader.shape(name)
+            if tuple(actual) != tuple(expected):
+                raise ModelLoadError(
+                    f"tensor {name} in {reader.file_of(name)} has shape {tuple(actual)}, but config.json implies "
+                    f"{tuple(expected)}"
+                )
+            if not transpose and reader.dtype(name) == pdtype and target.flags.c_contiguous:
+                reader.read_into(name, target)  # straight into the parameter buffer
+            else:
+                tensor = reader.get(name)
+                target[...] = (tensor.T if transpose else tensor).astype(pdtype, copy=False)
+            used.add(name)
     return out
 
 
@@ -235,21 +235,22 @@ def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
         out_dtype = as_dtype(dtype) if dtype is not None else source_dtype
         stacked = ppath[0] == "layers"
         for layer in range(cfg.num_layers) if stacked else [None]:
-            if merge:
-                shape = (owner.out_features, owner.in_features)
-            else:
-                shape = value.shape[1:] if stacked else value.shape
+            whole = owner.kernel_shape if merge else (value.shape[1:] if stacked else value.shape)  # one layer's
+            for name, index in tensor_parts(family, cfg, ppath, layer):
+                shape = np.empty(whole, dtype=np.bool_)[index].shape
                 shape = tuple(shape[::-1]) if transpose else tuple(shape)
 
-            def produce(value=value, layer=layer, transpose=transpose, out_dtype=out_dtype, owner=owner, merge=merge):
-                if merge:
-                    return to_host(owner.merged_kernel(layer, jnp.float32)).T.astype(out_dtype)
-                arr = to_host(value[layer] if layer is not None else value)
-                return (arr.T if transpose else arr).astype(out_dtype)
+                def produce(value=value, layer=layer, index=index, transpose=transpose, out_dtype=out_dtype,
+                            owner=owner, merge=merge):
+                    if merge:
+                        arr = to_host(owner.merged_kernel(layer, jnp.float32))[index]
+                    else:
+                        arr = to_host(value[layer] if layer is not None else value)[index]
+                    return (arr.T if transpose else arr).astype(out_dtype)
 
-            name = family.hf_tensor_name(ppath, layer)
-            order = 0 if ppath[0] == model.EMBED else (2 if ppath[0] != "layers" else 1)
-            entries.append((order, -1 if layer is None else layer, TensorToWrite(name, tuple(shape), out_dtype, produce)))
+                order = 0 if ppath[0] == model.EMBED else (2 if ppath[0] != "layers" else 1)
+                entries.append((order, -1 if layer is None else layer,
+                                TensorToWrite(name, tuple(shape), out_dtype, produce)))
     entries.sort(key=lambda e: (e[0], e[1], e[2].name))
     return [e[2] for e in entries]
 

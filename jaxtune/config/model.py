@@ -55,6 +55,10 @@ class ModelKeys(Section):
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_parameters: list[str] | None = Field(
+        None, description="Parameters adapted in place, by PEFT's target_parameters names: a mixture of experts' "
+        "stacked experts (mlp.experts.gate_up_proj, mlp.experts.down_proj: one adapter per expert) and its "
+        "router (mlp.gate.weight, frozen unless listed). Needs lora_dropout: 0, as in PEFT.")
     lora_target_modules: list[str] | str | None = Field(
         None, description="Projections that get adapters, by PEFT module name (the model family's: q_proj ... "
         "down_proj for Llama, query_key_value / dense / dense_h_to_4h / dense_4h_to_h for GPT-NeoX, qkv_proj / "
@@ -74,6 +78,9 @@ class ModelKeys(Section):
     load_in_4bit: bool | None = Field(None, description="Frozen kernels stored as NF4 (adapter: qlora).")
     load_in_8bit: bool | None = Field(None, description="int8 frozen kernels (not supported; use load_in_4bit).")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the NF4 block scales too.")
+    quantize_moe_experts: bool = Field(False, description="QLoRA on a mixture of experts: its stacked experts as NF4 "
+                                       "too (by default, as bitsandbytes, only the attention projections are; the "
+                                       "experts and the router stay in float).")
     bnb_4bit_quant_type: Literal["nf4"] = Field("nf4", description="4-bit code book (nf4 only).")
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Dtype the NF4 kernels are dequantized to (default: the compute dtype).")
@@ -112,7 +119,7 @@ class ModelKeys(Section):
         if self.load_in_4bit and self.adapter != "qlora":
             raise ValueError("load_in_4bit: true needs adapter: qlora (4-bit weights cannot train)")
         lora_keys = ("lora_model_dir", "lora_target_modules", "lora_target_linear", "lora_modules_to_save",
-                     "peft_layers_to_transform", "loraplus_lr_ratio")
+                     "peft_layers_to_transform", "loraplus_lr_ratio", "lora_target_parameters")
         if self.adapter is None:
             if self.lora_model_dir:
                 raise ValueError("lora_model_dir set without adapter: lora / qlora (to continue training that "
@@ -121,8 +128,12 @@ class ModelKeys(Section):
             if given:  # as in Axolotl, which ignores them; said loudly, as a forgotten `adapter:` looks the same
                 warn_once(f"{', '.join(given)} set without adapter: lora / qlora: they have no effect, and every "
                           "parameter trains (full fine-tuning)")
-        elif self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear:
-            raise ValueError("an adapter needs lora_target_modules or lora_target_linear: true")
+        elif (self.lora_model_dir is None and not self.lora_target_modules and not self.lora_target_linear
+              and not self.lora_target_parameters):
+            raise ValueError("an adapter needs lora_target_modules, lora_target_parameters or lora_target_linear: true")
+        if self.quantize_moe_experts and self.adapter != "qlora":
+            raise ValueError("quantize_moe_experts: true quantizes a mixture of experts' experts for QLoRA: it needs "
+                             "adapter: qlora (load_in_4bit)")
         if self.reinit_weights and self.adapter:
             raise ValueError("reinit_weights trains from random weights: it needs full fine-tuning (no adapter)")
         if self.unfrozen_parameters and self.adapter:

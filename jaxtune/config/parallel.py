@@ -60,6 +60,9 @@ class ParallelKeys(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree (heads and MLP columns split).")
     context_parallel_size: int = Field(1, ge=1, description="Sequence-parallel degree: each sequence split over "
                                        "this many devices, attention as a ring.")
+    expert_parallel_size: int = Field(1, ge=1, description="Expert-parallel degree (a mixture of experts): the "
+                                      "experts split over this many devices, tokens sent to them and back by "
+                                      "all-to-all; the axis is data-parallel for everything else.")
     fsdp: list[str] | None = Field(None, description="Axolotl/Accelerate FSDP options (full_shard, shard_grad_op, "
                                    "hybrid_shard, no_shard, auto_wrap, offload), mapped onto the mesh.")
     fsdp_config: dict[str, Any] | None = Field(None, description="Accelerate's FSDP settings; sharding_strategy / "

@@ -75,6 +75,14 @@ class ModelConfig:
     # Soft caps, cap * tanh(x / cap), on the attention scores and on the final logits (Gemma 2).
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Mixture of experts (0 experts: a dense MLP): top-k of `num_experts` experts of `moe_intermediate_size`,
+    # the k weights renormalized with `norm_topk_prob`; the load-balancing loss weighs `router_aux_loss_coef`
+    # (0 unless the config sets output_router_logits, as transformers adds it only then).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

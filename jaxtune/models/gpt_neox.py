@@ -119,3 +119,4 @@ class CausalLM(DecoderLM):
 
     EMBED, FINAL_NORM, HEAD = "embed_in", "final_layer_norm", "embed_out"
     BLOCK, NORM = Block, LayerNorm
+    PADDING_IDX = False  # transformers' GPT-NeoX embedding has no padding_idx

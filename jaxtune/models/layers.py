@@ -62,6 +62,11 @@ class Linear(nnx.Module):
         self.in_features, self.out_features, self.dtype = other.in_features, other.out_features, other.dtype
         self.kernel, self.bias = other.kernel, other.bias
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """One layer's kernel as the model computes with it (whatever its storage)."""
+        return (self.in_features, self.out_features)
+
     def dense_kernel(self, dtype: Any = None) -> jax.Array:
         """The kernel as a dense array in `dtype` (default: the compute dtype)."""
         return self.kernel[...].astype(dtype or self.dtype)
@@ -124,14 +129,23 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class Embed(nnx.Module):
-    """Token embedding [vocab, embed]; `attend` gives logits against the same table (tied head)."""
+    """Token embedding [vocab, embed]; `attend` gives logits against the same table (tied head).
 
-    def __init__(self, vocab_size: int, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    `padding_idx` is torch's: the lookup of that token passes no gradient to its row (transformers'
+    embeddings take the config's pad_token_id so, and a full fine-tune never moves that row through
+    the lookup; a tied head still trains it)."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 padding_idx: int | None = None):
         self.dtype = dtype
+        self.padding_idx = padding_idx
         self.embedding = param(_normal(rngs, (vocab_size, features), param_dtype), ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.padding_idx is None:
+            return x
+        return jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))

@@ -78,17 +78,25 @@ def stacked_layers(block: type, cfg: ModelConfig, *, dtype: Any, param_dtype: An
     return make(rngs)
 
 
+def finish_layer(block, x, out, r, segment_ids):
+    """`block.finish`, and the router statistics of a routed (MoE) block, which also takes the
+    real-token mask (segment id != 0): (x, stats or None)."""
+    if getattr(block, "ROUTED", False):
+        return block.finish(x, out, r, segment_ids != 0)
+    return block.finish(x, out, r), None
+
+
 def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, scale=None, softcap=None,
                     rng=None):
     """One decoder layer of any family: `block.qkv`, attention (with this layer's cache when decoding),
-    `block.finish`.
+    `block.finish`: (x, k, v, router statistics or None).
 
     `scale` and `softcap` are the family's score scale and soft cap (ModelConfig.attn_scale /
-    attn_softcap). `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v [B, K, S, H]
-    (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache and
-    themselves; their own keys and values are returned for the caller to write into the cache
-    after the layer scan (x, k, v), so that the scan only reads the cache (writing the stacked
-    cache inside the scan made XLA copy all of it at every layer: 10x slower decoding).
+    attn_softcap). `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v
+    [B, K, S, H] (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache
+    and themselves; their own keys and values are returned for the caller to write into the cache
+    after the layer scan, so that the scan only reads the cache (writing the stacked cache inside the
+    scan made XLA copy all of it at every layer: 10x slower decoding).
     """
     r = block.dropout_keys(rng)
     q, k, v = block.qkv(x, cos, sin, r)
@@ -96,13 +104,15 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
                         kv_positions=positions, sliding_window=window, scale=scale, softcap=softcap,
                         implementation=attn_impl)
-        return block.finish(x, out, r), None, None
+        x, stats = finish_layer(block, x, out, r, segment_ids)
+        return x, None, None, stats
     k_cache, v_cache, kv_positions, kv_segments = kv
     out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
                            v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                            q_positions=positions, kv_positions=kv_positions, sliding_window=window,
                            scale=scale, softcap=softcap, implementation=attn_impl)
-    return block.finish(x, out, r), k, v
+    x, stats = finish_layer(block, x, out, r, segment_ids)
+    return x, k, v, stats
 
 
 class DecoderLM(nnx.Module):
@@ -112,7 +122,7 @@ class DecoderLM(nnx.Module):
     names; the head is None when tied to the embedding), `NORM` (the final norm's class) and `BLOCK`,
     the family's layer, stacked as `layers`: `qkv(x, cos, sin, keys)` (the layer up to attention: q [B, T, N, H], k, v
     [B, T, K, H]), `finish(x, out, keys)` (after it) and `dropout_keys(rng)`; everything else (the
-    layer scan, remat, the KV cache, per-layer windows, the losses) is shared here.
+    layer scan, remat, the KV cache, per-layer windows and RoPE, the losses) is shared here.
 
     Options that change how (not what) it computes are plain attributes: `attn_implementation`
     (see jaxtune.kernels.attention), `remat` (a key of REMAT_POLICIES) and `chunked_loss` (token
@@ -122,6 +132,12 @@ class DecoderLM(nnx.Module):
     EMBED, FINAL_NORM, HEAD = "embed_tokens", "norm", "lm_head"
     BLOCK: type
     NORM: type
+    # A routed (MoE) block sets ROUTED: its `finish(x, out, keys, valid)` takes the real-token mask and
+    # returns (x, models.moe.RouterStats). With `collect_router_stats` set (the trainer sets it on the
+    # model of its step), `hidden_states` sows each layer's statistics as nnx.Intermediate
+    # `router_stats` (models.moe.router_terms reads them).
+    collect_router_stats = False
+    PADDING_IDX = True  # the embedding's pad_token_id row gets no gradient from the lookup (as transformers')
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, attn_implementation: str = "xla", remat: str = "none", chunked_loss: bool = True):
@@ -133,7 +149,8 @@ class DecoderLM(nnx.Module):
         self.remat = remat
         self.chunked_loss = chunked_loss
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        setattr(self, self.EMBED, Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw))
+        setattr(self, self.EMBED, Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+                                        padding_idx=cfg.pad_token_id if self.PADDING_IDX else None, **kw))
         self.layers = stacked_layers(self.BLOCK, cfg, rngs=rngs, **kw)
         setattr(self, self.FINAL_NORM, self.NORM(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="embed", **kw))
         setattr(self, self.HEAD, None if cfg.tie_word_embeddings else Linear(
@@ -166,7 +183,9 @@ class DecoderLM(nnx.Module):
         """
         segment_ids = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids
         positions = positions_from_segments(segment_ids) if positions is None else positions
-        x, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng)
+        x, _, stats = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng)
+        if stats is not None and self.collect_router_stats:  # MoE: each layer's router statistics (trainer)
+            self.sow(nnx.Intermediate, "router_stats", stats)
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -221,7 +240,7 @@ class DecoderLM(nnx.Module):
         Returns the final-normed hidden states [B, T, D] and the advanced cache. Used for both the
         prefill (T = prompt length) and single-token steps (T = 1) of the sampler.
         """
-        x, cache = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), cache)
+        x, cache, _ = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), cache)
         return self.final_norm(x), cache
 
     # -- internals ----------------------------------------------------------------------------
@@ -266,9 +285,9 @@ class DecoderLM(nnx.Module):
                 state, window, rope_id, key = xs
                 block = nnx.merge(graphdef, state)
                 cos, sin = layer_rope(rope_id)
-                x, _, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None, rng=key,
-                                          **common)
-                return x, None
+                x, _, _, stats = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None,
+                                                 rng=key, **common)
+                return x, stats
 
             def split_body(x, xs):
                 # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
@@ -281,16 +300,15 @@ class DecoderLM(nnx.Module):
                 out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
                                 kv_positions=positions, sliding_window=layer_window(window), scale=cfg.attn_scale,
                                 softcap=cfg.attn_softcap, implementation=self.attn_implementation)
-                x = jax.checkpoint(lambda s, x, out: nnx.merge(graphdef, s).finish(x, out, r),
-                                   policy=policy, prevent_cse=False)(state, x, out)
-                return x, None
+                return jax.checkpoint(lambda s, x, out: finish_layer(nnx.merge(graphdef, s), x, out, r, segment_ids),
+                                      policy=policy, prevent_cse=False)(state, x, out)
 
             if self.remat != "full" and self.attn_implementation in OWN_VJP:
                 step = split_body
             else:
                 step = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            x, _ = jax.lax.scan(step, x, (layer_state, windows, rope_ids, keys))
-            return x, None
+            x, stats = jax.lax.scan(step, x, (layer_state, windows, rope_ids, keys))
+            return x, None, stats
 
         index = cache.index
 
@@ -302,7 +320,7 @@ class DecoderLM(nnx.Module):
             # the stacked cache was indexed element by element
             k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
             kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
-            x, k, v = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
+            x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
             return x, (k, v)
 
         x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, rope_ids, cache.k, cache.v))
@@ -315,4 +333,4 @@ class DecoderLM(nnx.Module):
                             positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)),
                             segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
                             index=index + input_ids.shape[1])
-        return x, new_cache
+        return x, new_cache, None

@@ -28,10 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.errors import JaxtuneError
 
-AXES = ("data", "fsdp", "sequence", "tensor")
+AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 # logical axis -> mesh axes (in order); None: replicated.
 RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # the expert axis is data-parallel outside the experts
     "length": ("sequence",),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -40,23 +40,24 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "head_dim": None,
     "layers": None,
+    "experts": ("expert",),  # a mixture of experts' experts (jaxtune.parallel.experts)
 }
 
 
-def make_mesh(*, data: int | None = None, fsdp: int = 1, sequence: int = 1, tensor: int = 1,
+def make_mesh(*, data: int | None = None, fsdp: int = 1, sequence: int = 1, tensor: int = 1, expert: int = 1,
               devices=None) -> Mesh:
     """A mesh over `devices` (default: all); `data` takes the devices the other axes leave."""
     devices = list(jax.devices() if devices is None else devices)
-    others = fsdp * sequence * tensor
+    others = fsdp * expert * sequence * tensor
+    named = f"fsdp={fsdp} x expert={expert} x sequence={sequence} x tensor={tensor}"
     if data is None:
         if len(devices) % others:
-            raise JaxtuneError(f"{len(devices)} devices cannot hold fsdp={fsdp} x sequence={sequence} x "
-                               f"tensor={tensor} = {others}: choose degrees whose product divides the device count")
+            raise JaxtuneError(f"{len(devices)} devices cannot hold {named} = {others}: choose degrees whose "
+                               "product divides the device count")
         data = len(devices) // others
     if data * others != len(devices):
-        raise JaxtuneError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} x tensor={tensor} needs "
-                           f"{data * others} devices, not {len(devices)}")
-    grid = np.asarray(devices).reshape(data, fsdp, sequence, tensor)
+        raise JaxtuneError(f"mesh data={data} x {named} needs {data * others} devices, not {len(devices)}")
+    grid = np.asarray(devices).reshape(data, fsdp, expert, sequence, tensor)
     return Mesh(grid, AXES)
 
 
@@ -70,23 +71,27 @@ class MeshPlan:
     tensor: int = 1
     stage: int = 3
     offload_optimizer: bool = False
+    expert: int = 1
 
     @property
     def devices(self) -> int:
-        return self.data * self.fsdp * self.sequence * self.tensor
+        return self.data * self.fsdp * self.expert * self.sequence * self.tensor
 
     @property
     def batch_ranks(self) -> int:
-        """Data-parallel ranks: each takes micro_batch_size rows (sequence and tensor ranks share them)."""
-        return self.data * self.fsdp
+        """Data-parallel ranks: each takes micro_batch_size rows (sequence and tensor ranks share them;
+        expert ranks are data-parallel outside the experts)."""
+        return self.data * self.fsdp * self.expert
 
     def describe(self) -> str:
         zero = {0: "", 1: ", ZeRO-1", 2: ", ZeRO-2", 3: ""}[self.stage] if self.fsdp > 1 else ""
-        return (f"mesh data={self.data} x fsdp={self.fsdp} x sequence={self.sequence} x tensor={self.tensor}{zero}"
-                + (", optimizer state in host memory" if self.offload_optimizer else ""))
+        expert = f" x expert={self.expert}" if self.expert > 1 else ""
+        return (f"mesh data={self.data} x fsdp={self.fsdp}{expert} x sequence={self.sequence} x tensor={self.tensor}"
+                f"{zero}" + (", optimizer state in host memory" if self.offload_optimizer else ""))
 
     def make(self, devices=None) -> Mesh:
-        return make_mesh(data=self.data, fsdp=self.fsdp, sequence=self.sequence, tensor=self.tensor, devices=devices)
+        return make_mesh(data=self.data, fsdp=self.fsdp, sequence=self.sequence, tensor=self.tensor,
+                         expert=self.expert, devices=devices)
 
 
 def plan_for(cfg, device_count: int | None = None) -> MeshPlan:
@@ -98,11 +103,12 @@ def plan_for(cfg, device_count: int | None = None) -> MeshPlan:
 
     n = jax.device_count() if device_count is None else device_count
     zero = sharding_stage(cfg)
-    tensor, sequence = cfg.tensor_parallel_size, cfg.context_parallel_size
-    if n % (tensor * sequence):
+    tensor, sequence, expert = cfg.tensor_parallel_size, cfg.context_parallel_size, cfg.expert_parallel_size
+    if n % (tensor * sequence * expert):
         raise JaxtuneError(f"{n} devices cannot be split into tensor_parallel_size={tensor} x "
-                           f"context_parallel_size={sequence}: their product must divide the device count")
-    rest = n // (tensor * sequence)
+                           f"context_parallel_size={sequence} x expert_parallel_size={expert}: their product must "
+                           "divide the device count")
+    rest = n // (tensor * sequence * expert)
     replicate = cfg.dp_replicate_size
     if cfg.dp_shard_size is not None:
         fsdp = cfg.dp_shard_size
@@ -113,13 +119,13 @@ def plan_for(cfg, device_count: int | None = None) -> MeshPlan:
     data = replicate if replicate is not None else rest // max(fsdp, 1)
     if data * fsdp != rest:
         raise JaxtuneError(f"dp_replicate_size={data} x dp_shard_size={fsdp} x tensor_parallel_size={tensor} x "
-                           f"context_parallel_size={sequence} = {data * fsdp * tensor * sequence} is not the "
-                           f"{n} devices there are")
+                           f"context_parallel_size={sequence} x expert_parallel_size={expert} = "
+                           f"{data * fsdp * tensor * sequence * expert} is not the {n} devices there are")
     if zero.stage == 0 and fsdp > 1:
         raise JaxtuneError(f"dp_shard_size={fsdp} shards over {fsdp} devices, but {zero.source} says no sharding "
                            "(no_shard / ZeRO stage 0): drop one of them")
     stage = zero.stage if zero.stage > 0 else 3
-    return MeshPlan(data, fsdp, sequence, tensor, stage, zero.offload_optimizer)
+    return MeshPlan(data, fsdp, sequence, tensor, stage, zero.offload_optimizer, expert)
 
 
 def spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
@@ -202,25 +208,26 @@ def place(tree, shardings):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 3, axes: tuple[str | None, ...] = ("batch", "length")) -> NamedSharding:
-    """A batch array's sharding: rows (logical axis `batch`) over (data, fsdp), tokens (`length`)
-    over sequence, leading axes (accumulation) and others replicated."""
+    """A batch array's sharding: rows (logical axis `batch`) over (data, fsdp, expert), tokens
+    (`length`) over sequence, leading axes (accumulation) and others replicated."""
     lead = (None,) * (ndim - len(axes))
-    mapped = {"batch": ("data", "fsdp"), "length": "sequence"}
+    mapped = {"batch": ("data", "fsdp", "expert"), "length": "sequence"}
     return NamedSharding(mesh, PartitionSpec(*lead, *(mapped.get(a) for a in axes)))
 
 
 def host_batch_share(mesh: Mesh) -> tuple[int, int, int]:
     """(index, count, ranks): this process loads share `index` of `count` equal shares of every
-    global batch, the rows of the `ranks` data-parallel ranks (data x fsdp positions) its devices
-    hold. Processes whose devices differ only along sequence / tensor load the same share."""
-    grid = mesh.devices  # [data, fsdp, sequence, tensor]
-    fsdp = grid.shape[1]
+    global batch, the rows of the `ranks` data-parallel ranks (data x fsdp x expert positions) its
+    devices hold. Processes whose devices differ only along sequence / tensor load the same share."""
+    grid = mesh.devices  # [data, fsdp, expert, sequence, tensor]
+    fsdp, expert = grid.shape[1], grid.shape[2]
     me = jax.process_index()
-    ranks = sorted({d * fsdp + f for (d, f, _, _), dev in np.ndenumerate(grid) if dev.process_index == me})
-    n, total = len(ranks), grid.shape[0] * fsdp
+    ranks = sorted({(d * fsdp + f) * expert + e for (d, f, e, _, _), dev in np.ndenumerate(grid)
+                    if dev.process_index == me})
+    n, total = len(ranks), grid.shape[0] * fsdp * expert
     if ranks != list(range(ranks[0], ranks[0] + n)) or ranks[0] % n or total % n:
         raise JaxtuneError(f"process {me} holds data-parallel ranks {ranks} of {total}: each process's devices must "
-                           "hold a contiguous block of the (data, fsdp) grid; order the devices host by host")
+                           "hold a contiguous block of the (data, fsdp, expert) grid; order the devices host by host")
     return ranks[0] // n, total // n, n
 
 

@@ -112,7 +112,7 @@ def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_p
     kh = k_bskh.shape[2]
     if t % ways:
         raise ValueError(f"ring attention: {t} tokens do not split over sequence={ways} devices")
-    batch = _axes_dividing(b, ("data", "fsdp"), mesh)
+    batch = _axes_dividing(b, ("data", "fsdp", "expert"), mesh)
     heads = "tensor" if _axes_dividing(n, ("tensor",), mesh) and _axes_dividing(kh, ("tensor",), mesh) else None
     tokens = PartitionSpec(batch, AXIS)
     per_head = PartitionSpec(batch, AXIS, heads, None)

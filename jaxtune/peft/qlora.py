@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from jaxtune.models import family_for
 from jaxtune.models.layers import Linear
+from jaxtune.models.moe import ExpertLinear
 
 
 class QuantizedKernel(nnx.Variable):
@@ -48,11 +50,24 @@ class NF4Linear(Linear):
         return jnp.swapaxes(nf4_dequantize(value, jnp.float32), -1, -2).astype(dtype)
 
 
-def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
+def projection_paths(architecture: str, experts: bool = False) -> set[tuple[str, ...]]:
+    """The parameter paths of a family's projections (its LORA_TARGETS): what bitsandbytes quantizes,
+    the nn.Linear modules of the layers. A mixture of experts' router and stacked experts are not
+    nn.Linear in transformers, so they stay in float as bitsandbytes leaves them; with `experts`
+    (Axolotl's quantize_moe_experts) the stacked experts are NF4 too."""
+    family = family_for(architecture)
+    paths = {("layers", *parent.split("."), name, "kernel") for name, parent in family.LORA_TARGETS.items()}
+    if experts:
+        paths |= {("layers", *path.split("."), "kernel") for path in getattr(family, "EXPERTS", ())}
+    return paths
+
+
+def quantizing_place(place, *, architecture: str, double_quant: bool, block_size: int = 64, experts: bool = False):
     place = place or (lambda _path, host, _axes: jax.device_put(host))
+    projections = projection_paths(architecture, experts)
 
     def put(path: tuple[str, ...], host: np.ndarray, axes):
-        if path[0] == "layers" and path[-1] == "kernel":  # every projection of the layers (as bitsandbytes)
+        if tuple(path) in projections:  # every projection of the layers (as bitsandbytes)
             return nf4_quantize(np.swapaxes(host, -1, -2), block_size=block_size, double_quant=double_quant,
                                 batch_dims=1)
         return place(path, host, axes)
@@ -60,12 +75,22 @@ def quantizing_place(place, *, double_quant: bool, block_size: int = 64):
     return put
 
 
+class NF4ExpertLinear(NF4Linear, ExpertLinear):
+    """A MoE's stacked experts with NF4 kernels (quantize_moe_experts): stored as HF's [E, out, in] per
+    layer, dequantized to [E, in, out] for the grouped matmul."""
+
+    def __init__(self, base: ExpertLinear):
+        super().__init__(base)
+        self.num_experts = base.num_experts
+
+
 def mark_quantized(model):
     """Model surgery: each projection of the layers whose kernel holds an NF4Tensor becomes an
-    NF4Linear (in place); returns the model."""
+    NF4Linear, stacked experts an NF4ExpertLinear (in place); returns the model."""
+    kinds = {Linear: NF4Linear, ExpertLinear: NF4ExpertLinear}
     swaps = [(module, name, child) for _, module in nnx.iter_graph(model.layers) if isinstance(module, nnx.Module)
              for name, child in vars(module).items()
-             if type(child) is Linear and isinstance(child.kernel.get_value(), NF4Tensor)]
+             if type(child) in kinds and isinstance(child.kernel.get_value(), NF4Tensor)]
     for module, name, child in swaps:
-        setattr(module, name, NF4Linear(child))
+        setattr(module, name, kinds[type(child)](child))
     return model

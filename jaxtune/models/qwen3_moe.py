@@ -1,0 +1,69 @@
+"""Qwen3-MoE: `Qwen3MoeForCausalLM`, Qwen3's attention (q/k RMSNorm) with a sparse MoE MLP.
+
+As Mixtral (models/mixtral.py) but: the top-k weights are renormalized only with `norm_topk_prob`
+and rounded to the activations' dtype, the experts' intermediate size is `moe_intermediate_size`, and
+checkpoints name the experts' parts `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`. Layers
+made dense by `mlp_only_layers` / `decoder_sparse_step` are not supported yet (an error says so): the
+released Qwen3-MoE checkpoints route every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxtune.errors import ModelLoadError
+from jaxtune.models import mixtral
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.config import ModelConfig, special_token_ids
+from jaxtune.models.layers import ACTIVATIONS, RMSNorm
+from jaxtune.models.moe import SparseMoE
+from jaxtune.models.stack import DecoderLM
+
+ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+LORA_TARGETS, LORA_PARAMETERS, EXPERTS = mixtral.LORA_TARGETS, mixtral.LORA_PARAMETERS, mixtral.EXPERTS
+hf_tensor_name = mixtral.hf_tensor_name
+
+
+def hf_tensor_parts(cfg: ModelConfig, ppath: tuple[str, ...], layer: int | None):
+    if ppath[:2] == ("layers", "mlp"):
+        return mixtral.expert_parts(ppath, layer, cfg, f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
+    return [(hf_tensor_name(ppath, layer), ())]
+
+
+def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
+    act = getattr(hf, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ModelLoadError(f"hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    n = hf.num_hidden_layers
+    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+    dense = sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step})
+    if dense:
+        raise ModelLoadError(f"layers {dense} are dense (mlp_only_layers / decoder_sparse_step={step}): a Qwen3-MoE "
+                             "that mixes dense and sparse layers is not supported; every layer must be sparse")
+    window = getattr(hf, "sliding_window", None)
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        architecture=architecture, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size, num_layers=n, num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        rms_norm_eps=float(hf.rms_norm_eps), max_position_embeddings=int(hf.max_position_embeddings),
+        rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bias, o_bias=bias, qk_norm=True, hidden_act=act,
+        sliding_windows=(int(window) if window else None,) * n, norm_topk_prob=bool(hf.norm_topk_prob),
+        **mixtral.moe_fields(hf, int(hf.num_experts), hf.moe_intermediate_size),
+        **special_token_ids(hf), source_config_json=source_json)
+
+
+class MoE(SparseMoE):
+    WEIGHTS_IN_DTYPE = True
+
+
+class Block(mixtral.Block):
+    MLP = MoE
+
+
+class CausalLM(DecoderLM):
+    """Qwen3-MoE: `model(input_ids)` -> logits [B, T, vocab] (see DecoderLM)."""
+
+    BLOCK, NORM = Block, RMSNorm
