@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import RESULT_TAG, peak_rss_mb, token_batch, worker_matmul_jax  # noqa: E402
+from bench_train import RESULT_TAG, peak_rss_mb, spawn_worker, token_batch, worker_matmul_jax  # noqa: E402
 
 SEED = 0
 LR = 1e-4
@@ -207,14 +206,8 @@ def step_flops(mode: str, batch: int, seq: int) -> float:
 
 
 def run_worker(name: str, args) -> dict:
-    print(f"[bench_moe] running {name} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model, "--seq", str(args.seq),
-           "--batch", str(args.batch), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    results = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if proc.returncode or not results:
-        sys.exit(f"{name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
-    return json.loads(results[-1])
+    return spawn_worker(__file__, name, ["--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch),
+                                         "--steps", str(args.steps)])
 
 
 def main() -> None:

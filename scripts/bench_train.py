@@ -360,10 +360,15 @@ def train_flops(config: dict, batch: int, seq: int, mode: str) -> float:
 
 
 def run_worker(name: str, args) -> dict:
-    print(f"[bench_train] running {name} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model,
-           "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--matmul-size", str(args.matmul_size), "--matmul-reps", str(args.matmul_reps)]
+    return spawn_worker(__file__, name, ["--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch),
+                                         "--steps", str(args.steps), "--matmul-size", str(args.matmul_size),
+                                         "--matmul-reps", str(args.matmul_reps)])
+
+
+def spawn_worker(script: str, name: str, flags: list[str]) -> dict:
+    """Run `script --worker NAME flags` in a fresh process; its last RESULT_TAG line, parsed."""
+    print(f"[{os.path.basename(script).removesuffix('.py')}] running {name} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, os.path.abspath(script), "--worker", name, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     results = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not results:

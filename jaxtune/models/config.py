@@ -43,6 +43,19 @@ def special_token_ids(hf: Any) -> dict:
             "eos_token_ids": tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))}
 
 
+def decoder_fields(hf: Any, source_json: str, **overrides) -> dict:
+    """The ModelConfig fields most transformers decoder configs give alike (sizes, heads, head_dim, the
+    RMSNorm epsilon, context length, special tokens, the source JSON); a family adds its own, and
+    `overrides` replace any of these."""
+    heads = hf.num_attention_heads
+    return {"vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size, "intermediate_size": hf.intermediate_size,
+            "num_layers": hf.num_hidden_layers, "num_heads": heads,
+            "num_kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            "rms_norm_eps": float(hf.rms_norm_eps), "max_position_embeddings": int(hf.max_position_embeddings),
+            **special_token_ids(hf), "source_config_json": source_json, **overrides}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str

@@ -30,7 +30,7 @@ from jaxtune.errors import ModelLoadError
 from jaxtune.logging import warn_once
 from jaxtune.models import llama
 from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, special_token_ids
+from jaxtune.models.config import ModelConfig, decoder_fields
 from jaxtune.models.layers import ACTIVATIONS, GemmaRMSNorm
 from jaxtune.models.stack import DecoderLM, hf_names
 
@@ -79,16 +79,10 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
         attn_cap = None
 
     return ModelConfig(
-        architecture=architecture, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size, num_layers=n, num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        rms_norm_eps=float(hf.rms_norm_eps), max_position_embeddings=int(hf.max_position_embeddings),
-        rope=rope, layer_ropes=layer_ropes, tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        architecture=architecture, **decoder_fields(hf, source_json), rope=rope, layer_ropes=layer_ropes, tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=bias, o_bias=bias, qk_norm=architecture == "Gemma3ForCausalLM", hidden_act=act,
         sliding_windows=windows, attn_scale=float(getattr(hf, "query_pre_attn_scalar", 256)) ** -0.5,
-        attn_softcap=attn_cap, final_softcap=cap(hf, "final_logit_softcapping"),
-        **special_token_ids(hf), source_config_json=source_json)
+        attn_softcap=attn_cap, final_softcap=cap(hf, "final_logit_softcapping"))
 
 
 class Attention(llama.Attention):

@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, special_token_ids
+from jaxtune.models.config import ModelConfig, decoder_fields
 from jaxtune.models.layers import ACTIVATIONS, Linear, RMSNorm
 from jaxtune.models.stack import DecoderLM, hf_names
 
@@ -44,7 +44,6 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
     if (getattr(hf, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelLoadError("partial_rotary_factor != 1 is not supported by the Llama-family decoder")
     num_layers = hf.num_hidden_layers
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     windows: list[int | None] = [None] * num_layers
     if architecture == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
         windows = [int(hf.sliding_window)] * num_layers
@@ -56,15 +55,7 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
     o_bias = {"Qwen2ForCausalLM": False, "MistralForCausalLM": False}.get(architecture, attention_bias)
     return ModelConfig(
         architecture=architecture,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=num_layers,
-        num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(hf.rms_norm_eps),
-        max_position_embeddings=int(hf.max_position_embeddings),
+        **decoder_fields(hf, source_json),
         rope=rope_lib.config_from_hf(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
@@ -72,8 +63,6 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
         mlp_bias=bool(getattr(hf, "mlp_bias", False)) if architecture == "LlamaForCausalLM" else False,
         qk_norm=architecture == "Qwen3ForCausalLM",
         sliding_windows=tuple(windows),
-        **special_token_ids(hf),
-        source_config_json=source_json,
     )
 
 

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import llama
 from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, special_token_ids
+from jaxtune.models.config import ModelConfig, decoder_fields
 from jaxtune.models.layers import ACTIVATIONS, RMSNorm
 from jaxtune.models.moe import SparseMoE
 from jaxtune.models.stack import DecoderLM, hf_names
@@ -82,15 +82,9 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
     n = hf.num_hidden_layers
     window = getattr(hf, "sliding_window", None)
     return ModelConfig(
-        architecture=architecture, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size, num_layers=n, num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        rms_norm_eps=float(hf.rms_norm_eps), max_position_embeddings=int(hf.max_position_embeddings),
-        rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        architecture=architecture, **decoder_fields(hf, source_json), rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         hidden_act=act, sliding_windows=(int(window) if window else None,) * n, norm_topk_prob=True,
-        **moe_fields(hf, int(hf.num_local_experts), hf.intermediate_size),
-        **special_token_ids(hf), source_config_json=source_json)
+        **moe_fields(hf, int(hf.num_local_experts), hf.intermediate_size))
 
 
 class Block(llama.Block):

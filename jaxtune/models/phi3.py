@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import llama
 from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, special_token_ids
+from jaxtune.models.config import ModelConfig, decoder_fields
 from jaxtune.models.layers import Linear, RMSNorm
 from jaxtune.models.stack import DecoderLM, hf_names
 
@@ -43,13 +43,8 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
         raise ModelLoadError(f"partial_rotary_factor gives an odd rotary dimension {rotary_dim} (head_dim {head_dim})")
     window = getattr(hf, "sliding_window", None)
     return ModelConfig(
-        architecture=architecture, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads, head_dim=head_dim,
-        rms_norm_eps=float(hf.rms_norm_eps), max_position_embeddings=int(hf.max_position_embeddings),
-        rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        rotary_dim=rotary_dim, sliding_windows=(int(window) if window else None,) * hf.num_hidden_layers,
-        **special_token_ids(hf), source_config_json=source_json)
+        architecture=architecture, **decoder_fields(hf, source_json, head_dim=head_dim), rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        rotary_dim=rotary_dim, sliding_windows=(int(window) if window else None,) * hf.num_hidden_layers)
 
 
 class Attention(nnx.Module):

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import moe
+from jaxtune.parallel.mesh import axes_dividing
 
 AXIS = "expert"
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -45,14 +46,6 @@ def check_expert_parallel(ways: int, cfg, quantized_experts: bool = False) -> No
                            "(use dp_shard_size / dp_replicate_size for more data parallelism)")
     if cfg.num_experts % ways:
         raise JaxtuneError(f"expert_parallel_size={ways} does not divide the model's {cfg.num_experts} experts")
-
-
-def _axes_dividing(size: int, names: tuple[str, ...], mesh) -> tuple[str, ...] | None:
-    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-    total = 1
-    for a in axes:
-        total *= mesh.shape[a]
-    return axes if axes and size % total == 0 else None
 
 
 def _expert_spec(variable, ndim: int) -> PartitionSpec:
@@ -74,8 +67,8 @@ def moe_ffn(layer: moe.SparseMoE, x: jax.Array, experts: jax.Array, weights: jax
     if num_experts % ways:
         raise JaxtuneError(f"expert_parallel_size={ways} does not divide the model's {num_experts} experts")
     local_experts = num_experts // ways
-    batch = _axes_dividing(x.shape[0], BATCH_AXES, mesh)
-    length = "sequence" if _axes_dividing(x.shape[1], ("sequence",), mesh) else None
+    batch = axes_dividing(x.shape[0], BATCH_AXES, mesh)
+    length = "sequence" if axes_dividing(x.shape[1], ("sequence",), mesh) else None
     rows = PartitionSpec(batch, length, None)
     graphdef, state = nnx.split(layer.experts)
     state_specs = jax.tree.map(lambda v: v.replace(_expert_spec(v, jnp.ndim(v.get_value()))), state,

@@ -128,6 +128,12 @@ def plan_for(cfg, device_count: int | None = None) -> MeshPlan:
     return MeshPlan(data, fsdp, sequence, tensor, stage, zero.offload_optimizer, expert)
 
 
+def axes_dividing(size: int, names: tuple[str, ...], mesh) -> tuple[str, ...] | None:
+    """The axes of `names` the mesh splits (size > 1), if together they divide `size` (else None)."""
+    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+
 def spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
          exclude: tuple[str, ...] = ()) -> PartitionSpec:
     """The PartitionSpec of an array with these logical axes on `mesh` (each mesh axis used once;

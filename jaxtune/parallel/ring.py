@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec
 
 from jaxtune.kernels.attention import register_split_sequence_attention
 from jaxtune.kernels.blockwise import Tiles, backward, forward
+from jaxtune.parallel.mesh import axes_dividing
 
 AXIS = "sequence"
 
@@ -92,14 +93,6 @@ def _ring_bwd(causal, use_window, scale, bq, bk, ways, softcap, res, d_out):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _axes_dividing(size: int, names: tuple[str, ...], mesh) -> tuple[str, ...] | None:
-    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-    total = 1
-    for a in axes:
-        total *= mesh.shape[a]
-    return axes if axes and size % total == 0 else None
-
-
 def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                    causal: bool, sliding_window, scale: float, softcap: float | None = None):
     """Attention of q [B, T, N, H] over k, v [B, T, K, H] (the same tokens: training, not a KV
@@ -112,8 +105,8 @@ def ring_attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids, kv_segment_ids, q_p
     kh = k_bskh.shape[2]
     if t % ways:
         raise ValueError(f"ring attention: {t} tokens do not split over sequence={ways} devices")
-    batch = _axes_dividing(b, ("data", "fsdp", "expert"), mesh)
-    heads = "tensor" if _axes_dividing(n, ("tensor",), mesh) and _axes_dividing(kh, ("tensor",), mesh) else None
+    batch = axes_dividing(b, ("data", "fsdp", "expert"), mesh)
+    heads = "tensor" if axes_dividing(n, ("tensor",), mesh) and axes_dividing(kh, ("tensor",), mesh) else None
     tokens = PartitionSpec(batch, AXIS)
     per_head = PartitionSpec(batch, AXIS, heads, None)
     window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32)
