@@ -159,7 +159,8 @@ def _warn_adapter_overrides(cfg, spec, linear: tuple[str, ...]) -> None:
     """With lora_model_dir the adapter's own r/alpha/targets/... apply; name config keys that differ."""
     given = lora.LoraSpec.from_config(cfg, linear)
     fields = {"lora_r": "r", "lora_alpha": "alpha", "peft_use_rslora": "use_rslora",
-              "peft_layers_to_transform": "layers", "lora_modules_to_save": "modules_to_save"}
+              "peft_layers_to_transform": "layers", "lora_modules_to_save": "modules_to_save",
+              "lora_target_parameters": "parameters"}
     differ = [key for key, f in fields.items() if key in cfg.model_fields_set and getattr(given, f) != getattr(spec, f)]
     def names(targets):
         return targets if isinstance(targets, str) else sorted(targets)
