@@ -15,7 +15,7 @@ process' VmHWM). Every run is its own fresh process (this script re-invoked with
 a time.
 
 Then the grouped matmul alone, forward and backward of one layer's experts on the tokens of one batch
-(batch x seq x top-k rows sorted by expert): jaxtune's `tiled` (the CPU path) and `ragged`
+(batch x seq x top-k rows sorted by expert): jaxtune's `batched` (the CPU path) and `ragged`
 (`jax.lax.ragged_dot`, the GPU/TPU path, which XLA:CPU runs as a dense product) against the dense
 computation of every expert on every row (what capacity-free routing must avoid).
 
@@ -181,7 +181,7 @@ def worker_grouped(args) -> dict:
         return jnp.sum(jnp.einsum("emd,me->md", y, one_hot) ** 2)
 
     out = {}
-    for name, f in (("tiled", grouped("tiled")), ("ragged", grouped("ragged")), ("dense", dense)):
+    for name, f in (("batched", grouped("batched")), ("ragged", grouped("ragged")), ("dense", dense)):
         g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
         jax.block_until_ready(g(x, w1, w2))
         t0 = time.perf_counter()
@@ -253,8 +253,8 @@ def main() -> None:
                   f"peak; ceiling {ceiling:.2f}x transformers' tokens/s")
         g = run_worker("grouped-", args)
         print(f"grouped matmul, one layer's experts fwd+bwd on {tokens * SHAPE['num_experts_per_tok']} routed rows: "
-              f"tiled {g['tiled'] * 1e3:.1f} ms, ragged_dot {g['ragged'] * 1e3:.1f} ms, every expert on every row "
-              f"{g['dense'] * 1e3:.1f} ms (tiled {g['dense'] / g['tiled']:.1f}x faster than dense)")
+              f"batched {g['batched'] * 1e3:.1f} ms, ragged_dot {g['ragged'] * 1e3:.1f} ms, every expert on every row "
+              f"{g['dense'] * 1e3:.1f} ms (batched {g['dense'] / g['batched']:.1f}x faster than dense)")
         sys.exit(0 if all(verdicts) else 1)
 
 

@@ -53,7 +53,7 @@ def qwen3moe_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("qwen3moe"), _config(Qwen3MoeConfig, **QWEN3), "qwen3moe")
 
 
-@pytest.fixture(params=["tiled", "ragged"])
+@pytest.fixture(params=["batched", "ragged"])
 def grouped(request, monkeypatch):
     """Both grouped matmuls run every model test (ragged_dot is what GPUs and TPUs use)."""
     monkeypatch.setattr(moe.SparseMoE, "GROUPED_MATMUL", request.param)
@@ -70,10 +70,12 @@ def test_logits_match_transformers(tmp_path, case, grouped):
     assert np.abs(got - hf_logits(path, ids)).max() <= 1e-4, case
 
 
-@pytest.mark.parametrize("impl", moe.GROUPED_MATMULS)
-def test_grouped_matmul_equals_every_expert_dense(impl):
-    """Rows sorted by group (some groups empty, one larger than a tile) against each row times its own
-    group's matrix, forward and both gradients; rows past the groups come out zero."""
+@pytest.mark.parametrize("impl, capacity, tile", [("ragged", None, None), ("batched", None, 16), ("batched", 8, 8),
+                                                  ("batched", 40, None)])
+def test_grouped_matmul_equals_every_expert_dense(impl, capacity, tile):
+    """Rows sorted by group (some groups empty, two past the batched capacity: 37 rows over two overflow
+    tiles, 20 over one; capacity 40: none) against each row times its own group's matrix, forward and
+    both gradients; rows past the groups come out zero."""
     rng = np.random.default_rng(0)
     sizes = np.array([5, 0, 37, 1, 0, 20], np.int32)
     m, k, n = int(sizes.sum()) + 3, 16, 24
@@ -89,10 +91,10 @@ def test_grouped_matmul_equals_every_expert_dense(impl):
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * cot)
 
-    got = moe.grouped_matmul(x, w, jnp.asarray(sizes), impl, tile=16)
+    got = moe.grouped_matmul(x, w, jnp.asarray(sizes), impl, capacity, tile)
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense(x, w)), atol=1e-5)
     assert not np.asarray(got[-3:]).any()
-    g_got = jax.grad(loss(lambda x, w: moe.grouped_matmul(x, w, jnp.asarray(sizes), impl, tile=16)), (0, 1))(x, w)
+    g_got = jax.grad(loss(lambda x, w: moe.grouped_matmul(x, w, jnp.asarray(sizes), impl, capacity, tile)), (0, 1))(x, w)
     g_want = jax.grad(loss(dense), (0, 1))(x, w)
     for a, b in zip(g_got, g_want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)

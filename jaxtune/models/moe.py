@@ -9,8 +9,10 @@ Experts are stored stacked, `gate_up_proj` [E, D, 2I] and `down_proj` [E, I, D] 
 expert: every token meets only its k experts, none is dropped (no capacity), so the logits equal
 transformers'. Two grouped matmuls (`grouped_matmul`):
 - `ragged`: `jax.lax.ragged_dot` (GPU and TPU lower it to grouped kernels);
-- `tiled`: rows padded per expert to whole tiles, each tile one matmul with its expert's weights in a
-  scan (XLA:CPU lowers ragged_dot as a dense product of every row with every expert: E times the work).
+- `batched` (CPUs: XLA:CPU lowers ragged_dot as a dense product of every row with every expert, E times
+  the work): each expert's first C rows (C = the mean rows per expert, rounded up to 8) gathered into
+  [E, C, D] blocks and multiplied by the stacked weights as one batched matmul, the rows past C in a
+  loop of tiles, each against its expert's matrix (with balanced routing the loop is short or empty).
 The router statistics of each layer (how many top-k slots each expert got, the summed router
 probabilities, the real tokens) are returned for the load-balancing loss, which is transformers'
 `load_balancing_loss_func`: E * sum_e (slots_e / tokens) * (probs_e / tokens), over all layers together.
@@ -19,109 +21,142 @@ probabilities, the real tokens) are returned for the load-balancing loss, which 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models.layers import ACTIVATIONS, Linear, _normal, param
 
-GROUPED_MATMULS = ("ragged", "tiled")
-TILE = 128  # rows per tile of the `tiled` grouped matmul
+GROUPED_MATMULS = ("ragged", "batched")
+OVERFLOW_TILE = 64  # rows per overflow tile of the `batched` grouped matmul
 
 
 def default_grouped_matmul(platform: str | None = None) -> str:
-    return "tiled" if (platform or jax.default_backend()) == "cpu" else "ragged"
+    return "batched" if (platform or jax.default_backend()) == "cpu" else "ragged"
+
+
+def default_capacity(rows: int, groups: int) -> int:
+    """Rows per group in the batched part: the mean group size (rows / groups), rounded up to 8."""
+    return max(8, -(-(-(-rows // groups)) // 8) * 8)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str,
-                   tile: int | None = None) -> jax.Array:
+                   capacity: int | None = None, tile: int | None = None) -> jax.Array:
     """Rows of x [M, K], sorted by group (group g has group_sizes[g] consecutive rows), times their
     group's w [G, K, N] -> [M, N] (float32 accumulation, x's dtype out). Rows past sum(group_sizes)
-    come out zero. `tile` (tiled only): rows per tile, default the power of two nearest the mean group
-    size, between 8 and TILE."""
+    come out zero. `batched` only: `capacity` rows per group in the batched product (default
+    default_capacity(M, G): set it from the rows expected when many of the M rows are empty), `tile`
+    rows per overflow tile (default min(OVERFLOW_TILE, capacity))."""
     if implementation == "ragged":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
                                   preferred_element_type=jnp.float32).astype(x.dtype)
-    if implementation != "tiled":
+    if implementation != "batched":
         raise ValueError(f"grouped matmul {implementation!r} unknown; choose one of {', '.join(GROUPED_MATMULS)}")
     m, g = x.shape[0], w.shape[0]
-    if tile is None:
-        tile = 2 ** round(math.log2(max(1.0, m / g)))
-    tile = int(max(8, min(tile, TILE, -(-m // 8) * 8)))
-    layout = _tile_layout(group_sizes.astype(jnp.int32), m, g, tile)
-    return _tiled(x, w.astype(x.dtype), layout, tile)
+    capacity = int(capacity or default_capacity(m, g))
+    tile = min(int(tile or min(OVERFLOW_TILE, capacity)), m)
+    layout = _batched_layout(group_sizes.astype(jnp.int32), m, g, capacity, tile)
+    return _batched(x, w.astype(x.dtype), layout, capacity, tile)
 
 
 class _Layout(NamedTuple):
-    dest: jax.Array  # [M] each row's slot among the tiles (past the end for rows past the groups)
-    real: jax.Array  # [M] rows inside the groups
-    source: jax.Array  # [tiles * tile] the row in each slot (M: an empty slot)
-    tile_group: jax.Array  # [tiles] the group whose rows fill each tile
+    source: jax.Array  # [G * C] the row in each group's slots (M: an empty slot)
+    dest: jax.Array  # [M] each row's slot (G * C: an overflow row, or past the groups)
+    over_group: jax.Array  # [tiles] the group of each overflow tile
+    over_row: jax.Array  # [tiles] its first row
+    over_rows: jax.Array  # [tiles] how many of its rows are the group's
+    over_tiles: jax.Array  # [] overflow tiles in use
 
 
-def _tile_layout(sizes: jax.Array, m: int, g: int, tile: int) -> _Layout:
-    """Each group's rows padded to whole tiles: at most M / tile + G tiles, each one group's. Both
-    directions are gathers (XLA:CPU runs scatters one element at a time)."""
+def _batched_layout(sizes: jax.Array, m: int, g: int, capacity: int, tile: int) -> _Layout:
+    """Each group's first `capacity` rows go to its block of the batched product; the rows past that
+    (the overflow) are read in place by tiles of `tile` rows, each one group's. Both directions are
+    gathers (XLA:CPU runs scatters one element at a time)."""
     starts = jnp.cumsum(sizes) - sizes
-    padded = -(-sizes // tile) * tile
-    padded_starts = jnp.cumsum(padded) - padded
-    tiles = -(-m // tile) + g
+    slot = jnp.arange(g * capacity, dtype=jnp.int32)
+    slot_group, offset = slot // capacity, slot % capacity
+    source = jnp.where(offset < sizes[slot_group], starts[slot_group] + offset, m)
     row = jnp.arange(m, dtype=jnp.int32)
     group = jnp.clip(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), 0, g - 1)
-    real = row < jnp.sum(sizes)
-    dest = jnp.where(real, padded_starts[group] + row - starts[group], tiles * tile)
-    tile_group = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(tiles) * tile, side="right"), 0, g - 1)
-    slot = jnp.arange(tiles * tile, dtype=jnp.int32)
-    slot_group = jnp.repeat(tile_group, tile)
-    offset = slot - padded_starts[slot_group]
-    source = jnp.where((offset < sizes[slot_group]) & (slot < jnp.sum(padded)), starts[slot_group] + offset, m)
-    return _Layout(dest, real, source, tile_group)
+    offset = row - starts[group]
+    dest = jnp.where((offset < capacity) & (row < jnp.sum(sizes)), group * capacity + offset, g * capacity)
+    over = jnp.maximum(sizes - capacity, 0)
+    tiles_of = -(-over // tile)
+    first = jnp.cumsum(tiles_of) - tiles_of
+    tiles = jnp.arange(-(-max(m - capacity, 0) // tile) + g, dtype=jnp.int32)
+    tile_group = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_of), tiles, side="right"), 0, g - 1)
+    done = (tiles - first[tile_group]) * tile
+    return _Layout(source, dest, tile_group, starts[tile_group] + capacity + done,
+                   jnp.clip(over[tile_group] - done, 0, tile), jnp.sum(tiles_of))
 
 
-def _to_tiles(x: jax.Array, layout: _Layout, tile: int) -> jax.Array:
-    tiles = layout.tile_group.shape[0]
-    return x.at[layout.source].get(mode="fill", fill_value=0).reshape(tiles, tile, -1)
+def _blocks(x: jax.Array, layout: _Layout, capacity: int) -> jax.Array:
+    return x.at[layout.source].get(mode="fill", fill_value=0).reshape(-1, capacity, x.shape[-1])
 
 
-def _from_tiles(y: jax.Array, layout: _Layout) -> jax.Array:
-    flat = y.reshape(-1, y.shape[-1])
-    return jnp.where(layout.real[:, None], flat.at[layout.dest].get(mode="fill", fill_value=0), 0)
+def _overflow_tile(layout: _Layout, t: jax.Array, tile: int, m: int) -> tuple[jax.Array, jax.Array]:
+    """Where overflow tile t's `tile` rows start (moved back to fit inside the M rows, as a dynamic
+    slice would move it: no padded copy of x) and the mask of those that are its group's."""
+    first = layout.over_row[t]
+    start = jnp.clip(first, 0, m - tile)
+    row = start + jnp.arange(tile)[:, None]
+    return start, (row >= first) & (row < first + layout.over_rows[t])
 
 
-def _per_tile(xt: jax.Array, w: jax.Array, tile_group: jax.Array, transpose: bool = False) -> jax.Array:
-    """Each tile [tiles, tile, K] times its group's matrix (transposed: [N, K] -> K), as one batched
-    product over the tiles with each tile's matrix gathered (a loop of per-tile products was 3-5x
-    slower on CPUs: small dots, one after another; the gathered copy is tiles x K x N)."""
-    spec = "tin,tkn->tik" if transpose else "tik,tkn->tin"
-    return jnp.einsum(spec, xt, w[tile_group], preferred_element_type=jnp.float32).astype(xt.dtype)
+def _product(x: jax.Array, w: jax.Array, layout: _Layout, capacity: int, tile: int, transpose: bool) -> jax.Array:
+    """Each row times its group's matrix (transposed: w [G, N, K] read as [G, K, N]^T): the groups'
+    blocks as one batched product against w as stored (no per-tile copy of the weights), then the
+    overflow tiles one by one (a loop that runs as many times as there are overflow tiles: none when
+    no group exceeds the capacity)."""
+    m, dims = x.shape[0], (((1,), (1 if transpose else 0,)), ((), ()))
+    spec = "gcn,gkn->gck" if transpose else "gck,gkn->gcn"
+    blocks = jnp.einsum(spec, _blocks(x, layout, capacity), w, preferred_element_type=jnp.float32)
+    out = blocks.reshape(-1, blocks.shape[-1]).astype(x.dtype).at[layout.dest].get(mode="fill", fill_value=0)
+
+    def overflow(t, out):
+        start, mine = _overflow_tile(layout, t, tile, m)
+        matrix = jax.lax.dynamic_index_in_dim(w, layout.over_group[t], keepdims=False)
+        rows = jax.lax.dynamic_slice_in_dim(x, start, tile)
+        y = jax.lax.dot_general(rows, matrix, dims, preferred_element_type=jnp.float32).astype(out.dtype)
+        old = jax.lax.dynamic_slice_in_dim(out, start, tile)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), start, 0)
+
+    return jax.lax.fori_loop(0, layout.over_tiles, overflow, out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled(x, w, layout, tile):
-    return _from_tiles(_per_tile(_to_tiles(x, layout, tile), w, layout.tile_group), layout)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batched(x, w, layout, capacity, tile):
+    return _product(x, w, layout, capacity, tile, transpose=False)
 
 
-def _tiled_fwd(x, w, layout, tile):
-    xt = _to_tiles(x, layout, tile)
-    return _from_tiles(_per_tile(xt, w, layout.tile_group), layout), (xt, w, layout)
+def _batched_fwd(x, w, layout, capacity, tile):
+    return _product(x, w, layout, capacity, tile, transpose=False), (x, w, layout)
 
 
-def _tiled_bwd(tile, res, dy):
-    """dX tile by tile through each tile's group matrix; dW as one batched product over the tiles
-    ([tiles, K, N]) summed into the groups (autodiff of the tile loop instead adds every tile's dW
-    into a whole [G, K, N] buffer: G times the traffic)."""
-    xt, w, layout = res
-    dyt = _to_tiles(dy, layout, tile)
-    dx = _from_tiles(_per_tile(dyt, w, layout.tile_group, transpose=True), layout)
-    per_tile = jnp.einsum("tik,tin->tkn", xt, dyt, preferred_element_type=jnp.float32)
-    dw = jax.ops.segment_sum(per_tile, layout.tile_group, num_segments=w.shape[0], indices_are_sorted=True).astype(w.dtype)
-    return dx, dw, None
+def _batched_bwd(capacity, tile, res, dy):
+    """dX by the same product through the transposed matrices; dW as one batched product over the
+    groups' blocks ([G, K, N], no per-tile partial sums) plus each overflow tile's added to its group."""
+    x, w, layout = res
+    dx = _product(dy, w, layout, capacity, tile, transpose=True)
+    dw = jnp.einsum("gck,gcn->gkn", _blocks(x, layout, capacity), _blocks(dy, layout, capacity),
+                    preferred_element_type=jnp.float32)
+
+    def overflow(t, dw):
+        start, mine = _overflow_tile(layout, t, tile, x.shape[0])
+        rows = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x, start, tile), 0)
+        part = jax.lax.dot_general(rows, jax.lax.dynamic_slice_in_dim(dy, start, tile), (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        group = layout.over_group[t]
+        return jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, group) + part[None], group, 0)
+
+    dw = jax.lax.fori_loop(0, layout.over_tiles, overflow, dw)
+    return dx, dw.astype(w.dtype), None
 
 
-_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+_batched.defvjp(_batched_fwd, _batched_bwd)
 
 
 # The experts' computation when the mesh in context splits them (`expert` axis > 1): jaxtune.parallel
@@ -167,9 +202,10 @@ class ExpertLinear(Linear):
     def kernel_shape(self) -> tuple[int, ...]:
         return (self.num_experts, self.in_features, self.out_features)
 
-    def grouped(self, x: jax.Array, sizes: jax.Array, implementation: str) -> jax.Array:
-        """Rows x [M, in] sorted by expert (sizes [E] rows each) through their experts -> [M, out]."""
-        return grouped_matmul(x, self.dense_kernel(), sizes, implementation)
+    def grouped(self, x: jax.Array, sizes: jax.Array, implementation: str, capacity: int | None = None) -> jax.Array:
+        """Rows x [M, in] sorted by expert (sizes [E] rows each) through their experts -> [M, out]
+        (`capacity`: see grouped_matmul)."""
+        return grouped_matmul(x, self.dense_kernel(), sizes, implementation, capacity)
 
 
 class Experts(nnx.Module):
@@ -206,6 +242,18 @@ class SparseMoE(nnx.Module):
             weights = weights.astype(self.dtype).astype(jnp.float32)
         return probs, weights, experts
 
+    def expert_rows(self, rows: jax.Array, sizes: jax.Array, implementation: str, capacity: int | None = None,
+                    experts: Experts | None = None):
+        """Rows [M, D] sorted by expert (sizes [E]) through their experts' SwiGLU -> [M, D] (`experts`:
+        this layer's, or a shard of them under expert parallelism). The two
+        matmul outputs are kept for the backward pass (named as the dense MLP's: see
+        stack.SAVED_ACTIVATIONS), so it recomputes only the activation."""
+        experts = experts or self.experts
+        fused = checkpoint_name(experts.gate_up_proj.grouped(rows, sizes, implementation, capacity), "mlp_up")
+        gate, up = jnp.split(fused, 2, axis=-1)
+        out = experts.down_proj.grouped(self.act(gate) * up, sizes, implementation, capacity)
+        return checkpoint_name(out, "mlp_down")
+
     def __call__(self, x: jax.Array, valid: jax.Array, rngs: tuple | None = None) -> tuple[jax.Array, RouterStats]:
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d).astype(self.dtype)
@@ -228,9 +276,7 @@ class SparseMoE(nnx.Module):
         token_of = order // k
         sizes = jnp.bincount(flat_expert, length=self.num_experts)
         rows = tokens[token_of]
-        fused = self.experts.gate_up_proj.grouped(rows, sizes, impl)
-        gate, up = jnp.split(fused, 2, axis=-1)
-        out = self.experts.down_proj.grouped(self.act(gate) * up, sizes, impl)
+        out = self.expert_rows(rows, sizes, impl)
         # back to token-major order by a gather (the inverse permutation), then each token's k copies
         # weighed and added (no scatter: XLA:CPU runs those one element at a time)
         copies = out[jnp.argsort(order)].reshape(n, k, d).astype(jnp.float32)

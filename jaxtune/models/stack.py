@@ -19,14 +19,14 @@ from jaxtune.models.layers import Embed, Linear
 
 # What the backward pass keeps of each layer's forward (see jax.checkpoint_policies):
 # - "none" (gradient checkpointing off): every matmul output a layer's backward needs (the named
-#   projections below, the attention output and the mid-layer residual); only elementwise work
-#   (norms, RoPE, SiLU) and, with `xla` attention, the scores are recomputed (backends in OWN_VJP
-#   run outside the remat region and keep their own residuals). Keeping those too, as
+#   projections below, the attention output, the mid-layer residual and a MoE's expert outputs);
+#   only elementwise work (norms, RoPE, SiLU) and, with `xla` attention, the scores are recomputed
+#   (backends in OWN_VJP run outside the remat region and keep their own residuals). Keeping those too, as
 #   plain autodiff does, stores ~3x more per layer and is slower on CPU, where the step is bound by
 #   memory traffic, and it buys no matmul.
 # - "dots": every matmul output without batch dimensions (jax's policy of that name).
 # - "full": nothing; each layer's forward runs again in the backward (least memory).
-SAVED_ACTIVATIONS = ("q", "k", "v", "attention", "residual", "mlp_gate", "mlp_up", "lora_hidden")
+SAVED_ACTIVATIONS = ("q", "k", "v", "attention", "residual", "mlp_gate", "mlp_up", "mlp_down", "lora_hidden")
 REMAT_POLICIES = {
     "none": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
     "full": jax.checkpoint_policies.nothing_saveable,

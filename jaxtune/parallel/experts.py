@@ -91,10 +91,10 @@ def moe_ffn(layer: moe.SparseMoE, x: jax.Array, experts: jax.Array, weights: jax
         recv_expert = jax.lax.all_to_all(send_expert, AXIS, 0, 0, tiled=False).reshape(-1)  # E/P: empty slot
         by_expert = jnp.argsort(recv_expert, stable=True)
         group_sizes = jnp.bincount(recv_expert, length=local_experts + 1)[:local_experts]
-        module = nnx.merge(graphdef, state)
-        fused = module.gate_up_proj.grouped(recv[by_expert], group_sizes, implementation)
-        gate, up = jnp.split(fused, 2, axis=-1)
-        out_sorted = module.down_proj.grouped(layer.act(gate) * up, group_sizes, implementation)
+        experts_here = nnx.merge(graphdef, state)
+        # ways x count slots, about count of them used: the batched product sized for those
+        capacity = moe.default_capacity(count, local_experts)
+        out_sorted = layer.expert_rows(recv[by_expert], group_sizes, implementation, capacity, experts_here)
         out = jnp.zeros_like(out_sorted).at[by_expert].set(out_sorted).reshape(ways, count, d)
         back = jax.lax.all_to_all(out, AXIS, 0, 0, tiled=False)  # each row home, in its send slot
         mine = back[dest, slot].astype(jnp.float32) * weights.reshape(-1, 1)

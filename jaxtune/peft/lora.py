@@ -248,11 +248,11 @@ class LoraExpertLinear(ExpertLinear):
         self.num_experts = base.num_experts
         self.lora_a, self.lora_b, self.lora_gate, self.lora_scale = a, b, gate, scale
 
-    def grouped(self, x, sizes, implementation):
-        y = super().grouped(x, sizes, implementation)
-        h = grouped_matmul(x, self.lora_a[...].astype(self.dtype), sizes, implementation)
+    def grouped(self, x, sizes, implementation, capacity=None):
+        y = super().grouped(x, sizes, implementation, capacity)
+        h = grouped_matmul(x, self.lora_a[...].astype(self.dtype), sizes, implementation, capacity)
         delta = grouped_matmul(checkpoint_name(h, "lora_hidden"), self.lora_b[...].astype(self.dtype), sizes,
-                               implementation)
+                               implementation, capacity)
         scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
         return y + delta * jnp.asarray(scale, self.dtype)
 
