@@ -44,22 +44,33 @@ def default_capacity(rows: int, groups: int) -> int:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str,
-                   capacity: int | None = None, tile: int | None = None) -> jax.Array:
+                   capacity: int | None = None, tile: int | None = None, lora: tuple | None = None) -> jax.Array:
     """Rows of x [M, K], sorted by group (group g has group_sizes[g] consecutive rows), times their
     group's w [G, K, N] -> [M, N] (float32 accumulation, x's dtype out). Rows past sum(group_sizes)
-    come out zero. `batched` only: `capacity` rows per group in the batched product (default
+    come out zero. `lora`: (a [G, K, r], b [G, r, N], scale) adds scale * (x @ a_g) @ b_g to each row
+    in the same pass (a MoE's per-expert LoRA adapters; the scale, a constant or a layer's gate, takes
+    no gradient). `batched` only: `capacity` rows per group in the batched product (default
     default_capacity(M, G): set it from the rows expected when many of the M rows are empty), `tile`
     rows per overflow tile (default min(OVERFLOW_TILE, capacity))."""
+    sizes = group_sizes.astype(jnp.int32)
+    adapters = None if lora is None else (lora[0].astype(x.dtype), lora[1].astype(x.dtype),
+                                          jax.lax.stop_gradient(jnp.asarray(lora[2], jnp.float32)))
     if implementation == "ragged":
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-                                  preferred_element_type=jnp.float32).astype(x.dtype)
+        def ragged(lhs, rhs):
+            return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+
+        y = ragged(x, w.astype(x.dtype))
+        if adapters is not None:
+            a, b, scale = adapters
+            y = y + scale * ragged(ragged(x, a).astype(x.dtype), b)
+        return y.astype(x.dtype)
     if implementation != "batched":
         raise ValueError(f"grouped matmul {implementation!r} unknown; choose one of {', '.join(GROUPED_MATMULS)}")
     m, g = x.shape[0], w.shape[0]
     capacity = int(capacity or default_capacity(m, g))
     tile = min(int(tile or min(OVERFLOW_TILE, capacity)), m)
-    layout = _batched_layout(group_sizes.astype(jnp.int32), m, g, capacity, tile)
-    return _batched(x, w.astype(x.dtype), layout, capacity, tile)
+    layout = _batched_layout(sizes, m, g, capacity, tile)
+    return _batched(x, w.astype(x.dtype), adapters, layout, capacity, tile)
 
 
 class _Layout(NamedTuple):
@@ -106,54 +117,98 @@ def _overflow_tile(layout: _Layout, t: jax.Array, tile: int, m: int) -> tuple[ja
     return start, (row >= first) & (row < first + layout.over_rows[t])
 
 
-def _product(x: jax.Array, w: jax.Array, layout: _Layout, capacity: int, tile: int, transpose: bool) -> jax.Array:
-    """Each row times its group's matrix (transposed: w [G, N, K] read as [G, K, N]^T): the groups'
-    blocks as one batched product against w as stored (no per-tile copy of the weights), then the
-    overflow tiles one by one (a loop that runs as many times as there are overflow tiles: none when
+def _times(x: jax.Array, w: jax.Array, adapters: tuple | None, transpose: bool) -> jax.Array:
+    """Rows x [..., C, K] times w [..., K, N] plus the LoRA term, float32 ([..., ] a group axis or none);
+    transposed (the backward's dX): x [..., C, N] times w^T and the adapters' transposes."""
+    def mm(spec, lhs, rhs):
+        return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+
+    if not transpose:
+        y = mm("...ck,...kn->...cn", x, w)
+        if adapters is not None:
+            a, b, scale = adapters
+            y = y + scale * mm("...cr,...rn->...cn", mm("...ck,...kr->...cr", x, a).astype(x.dtype), b)
+        return y
+    y = mm("...cn,...kn->...ck", x, w)
+    if adapters is not None:
+        a, b, scale = adapters
+        y = y + mm("...cr,...kr->...ck", (scale * mm("...cn,...rn->...cr", x, b)).astype(x.dtype), a)
+    return y
+
+
+def _group_of(adapters: tuple | None, group: jax.Array) -> tuple | None:
+    if adapters is None:
+        return None
+    a, b, scale = adapters
+    return (jax.lax.dynamic_index_in_dim(a, group, keepdims=False),
+            jax.lax.dynamic_index_in_dim(b, group, keepdims=False), scale)
+
+
+def _product(x, w, adapters, layout: _Layout, capacity: int, tile: int, transpose: bool) -> jax.Array:
+    """Each row times its group's matrix (and adapters; transposed: w [G, K, N] applied as w^T): the
+    groups' blocks as one batched product against w as stored (no per-tile copy of the weights), then
+    the overflow tiles one by one (a loop that runs as many times as there are overflow tiles: none when
     no group exceeds the capacity)."""
-    m, dims = x.shape[0], (((1,), (1 if transpose else 0,)), ((), ()))
-    spec = "gcn,gkn->gck" if transpose else "gck,gkn->gcn"
-    blocks = jnp.einsum(spec, _blocks(x, layout, capacity), w, preferred_element_type=jnp.float32)
+    m = x.shape[0]
+    blocks = _times(_blocks(x, layout, capacity), w, adapters, transpose)
     out = blocks.reshape(-1, blocks.shape[-1]).astype(x.dtype).at[layout.dest].get(mode="fill", fill_value=0)
 
     def overflow(t, out):
         start, mine = _overflow_tile(layout, t, tile, m)
-        matrix = jax.lax.dynamic_index_in_dim(w, layout.over_group[t], keepdims=False)
-        rows = jax.lax.dynamic_slice_in_dim(x, start, tile)
-        y = jax.lax.dot_general(rows, matrix, dims, preferred_element_type=jnp.float32).astype(out.dtype)
+        group = layout.over_group[t]
+        y = _times(jax.lax.dynamic_slice_in_dim(x, start, tile), jax.lax.dynamic_index_in_dim(w, group, keepdims=False),
+                   _group_of(adapters, group), transpose).astype(out.dtype)
         old = jax.lax.dynamic_slice_in_dim(out, start, tile)
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), start, 0)
 
     return jax.lax.fori_loop(0, layout.over_tiles, overflow, out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batched(x, w, layout, capacity, tile):
-    return _product(x, w, layout, capacity, tile, transpose=False)
+def _weight_grads(x: jax.Array, dy: jax.Array, adapters: tuple | None) -> tuple:
+    """dW (and dA, dB) of rows x [..., C, K] with output gradients dy [..., C, N], float32."""
+    def mm(spec, lhs, rhs):
+        return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+
+    dw = mm("...ck,...cn->...kn", x, dy)
+    if adapters is None:
+        return (dw,)
+    a, b, scale = adapters
+    dh = (scale * mm("...cn,...rn->...cr", dy, b)).astype(x.dtype)  # the gradient of h = x @ a
+    h = mm("...ck,...kr->...cr", x, a).astype(x.dtype)
+    return dw, mm("...ck,...cr->...kr", x, dh), scale * mm("...cr,...cn->...rn", h, dy)
 
 
-def _batched_fwd(x, w, layout, capacity, tile):
-    return _product(x, w, layout, capacity, tile, transpose=False), (x, w, layout)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _batched(x, w, adapters, layout, capacity, tile):
+    return _product(x, w, adapters, layout, capacity, tile, transpose=False)
+
+
+def _batched_fwd(x, w, adapters, layout, capacity, tile):
+    return _product(x, w, adapters, layout, capacity, tile, transpose=False), (x, w, adapters, layout)
 
 
 def _batched_bwd(capacity, tile, res, dy):
-    """dX by the same product through the transposed matrices; dW as one batched product over the
-    groups' blocks ([G, K, N], no per-tile partial sums) plus each overflow tile's added to its group."""
-    x, w, layout = res
-    dx = _product(dy, w, layout, capacity, tile, transpose=True)
-    dw = jnp.einsum("gck,gcn->gkn", _blocks(x, layout, capacity), _blocks(dy, layout, capacity),
-                    preferred_element_type=jnp.float32)
+    """dX by the same product through the transposed matrices; dW (dA, dB) as one batched product over
+    the groups' blocks ([G, K, N], no per-tile partial sums) plus each overflow tile's added to its
+    group (a frozen W's gradient is dead code that XLA drops)."""
+    x, w, adapters, layout = res
+    dx = _product(dy, w, adapters, layout, capacity, tile, transpose=True)
+    grads = _weight_grads(_blocks(x, layout, capacity), _blocks(dy, layout, capacity), adapters)
 
-    def overflow(t, dw):
+    def overflow(t, grads):
         start, mine = _overflow_tile(layout, t, tile, x.shape[0])
-        rows = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x, start, tile), 0)
-        part = jax.lax.dot_general(rows, jax.lax.dynamic_slice_in_dim(dy, start, tile), (((0,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
         group = layout.over_group[t]
-        return jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, group) + part[None], group, 0)
+        rows = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x, start, tile), 0)
+        parts = _weight_grads(rows, jax.lax.dynamic_slice_in_dim(dy, start, tile), _group_of(adapters, group))
+        return tuple(jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, group) + part[None],
+                                                         group, 0) for acc, part in zip(grads, parts))
 
-    dw = jax.lax.fori_loop(0, layout.over_tiles, overflow, dw)
-    return dx, dw.astype(w.dtype), None
+    grads = jax.lax.fori_loop(0, layout.over_tiles, overflow, grads)
+    dw = grads[0].astype(w.dtype)
+    if adapters is None:
+        return dx, dw, None, None
+    a, b, scale = adapters
+    return dx, dw, (grads[1].astype(a.dtype), grads[2].astype(b.dtype), jnp.zeros_like(scale)), None
 
 
 _batched.defvjp(_batched_fwd, _batched_bwd)

@@ -249,12 +249,10 @@ class LoraExpertLinear(ExpertLinear):
         self.lora_a, self.lora_b, self.lora_gate, self.lora_scale = a, b, gate, scale
 
     def grouped(self, x, sizes, implementation, capacity=None):
-        y = super().grouped(x, sizes, implementation, capacity)
-        h = grouped_matmul(x, self.lora_a[...].astype(self.dtype), sizes, implementation, capacity)
-        delta = grouped_matmul(checkpoint_name(h, "lora_hidden"), self.lora_b[...].astype(self.dtype), sizes,
-                               implementation, capacity)
+        """The experts' products and their adapters' in one grouped pass (see moe.grouped_matmul)."""
         scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
-        return y + delta * jnp.asarray(scale, self.dtype)
+        return grouped_matmul(x, self.dense_kernel(), sizes, implementation, capacity,
+                              lora=(self.lora_a[...], self.lora_b[...], scale))
 
     def merged_kernel(self, layer: int | None = None, dtype=jnp.float32) -> jax.Array:
         pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
