@@ -159,10 +159,10 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
 
     Per token and layer the backward keeps (models/stack.py's remat policies): with `none` the
     named projections (q, k, v, the attention output, the mid-layer residual, the MLP's gate and
-    up: `SAVED_ACTIVATIONS`), with `dots` also the o/down projections, with `full` nothing; every
-    policy keeps the layer's input (the scan's carry), and attention backends with their own VJP
-    (blockwise, pallas, cudnn) keep their RoPE'd q and k. While a layer runs its backward, its
-    tensors and their gradients are live once more."""
+    up, a MoE's expert outputs: `SAVED_ACTIVATIONS`), with `dots` also the o/down projections, with
+    `full` nothing; every policy keeps the layer's input (the scan's carry), and attention backends
+    with their own VJP (blockwise, pallas, cudnn) keep their RoPE'd q and k. While a layer runs its
+    backward, its tensors and their gradients are live once more."""
     from jaxtune.build import resolve_attention, resolve_chunked_loss, resolve_remat
     from jaxtune.kernels.attention import OWN_VJP
     from jaxtune.kernels.cross_entropy import chunk_elements
@@ -179,12 +179,17 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     mlp = inter / (tensor if inter % tensor == 0 else 1)
     attention = resolve_attention(cfg)
     remat = resolve_remat(cfg)
-    moe = mcfg.num_experts > 0  # a MoE layer saves none of its expert activations (recomputed)
-    named = 2 * q_dim + 2 * kv_dim + d + (0 if moe else 2 * mlp)
+    moe = mcfg.num_experts > 0
+    routed = len(mcfg.stack_layers("layers")) if moe else 0  # the others have a dense MLP
+    named = 2 * q_dim + 2 * kv_dim + d
     own_vjp = (q_dim + kv_dim) if attention in OWN_VJP else 0
-    kept = d + own_vjp + {"none": named, "dots": named + 2 * d, "full": 0}[remat]
-    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + (0 if moe else 3 * mlp)
-    saved = layers * tokens * kept * compute_bytes
+    # a routed layer's named expert outputs (mlp_up, mlp_down) are its token copies'; `dots` keeps no
+    # expert output (the grouped products have batch dimensions)
+    copies_named = mcfg.experts_per_token * (2 * mcfg.moe_intermediate_size + d)
+    kept = {"none": layers * named + (layers - routed) * 2 * mlp + routed * copies_named,
+            "dots": layers * (named + 2 * d) + (layers - routed) * 2 * mlp, "full": 0}[remat]
+    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + (3 * mlp if routed < layers else 0)
+    saved = tokens * (layers * (d + own_vjp) + kept) * compute_bytes
     working = tokens * layer_tensors * compute_bytes * 2
     if moe:  # the running layer's token copies (top-k per token) through its experts, and their gradients
         copies = tokens * mcfg.experts_per_token

@@ -173,8 +173,8 @@ def with_router_loss(model, loss, sums: dict, share) -> tuple[jax.Array, dict]:
         loss = loss + coef * aux * share
     sums = dict(sums, aux_loss=aux * share, expert_load_max=jnp.max(load) * share,
                 expert_load_min=jnp.min(load) * share)
-    for i in range(load.shape[0]):
-        sums[f"expert_load_max/layer_{i}"] = jnp.max(load[i]) * share
+    for i, layer in enumerate(model.cfg.stack_layers("layers")):  # the routed layers, by their index
+        sums[f"expert_load_max/layer_{layer}"] = jnp.max(load[i]) * share
     return loss, sums
 
 

@@ -30,12 +30,19 @@ BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_he
             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 MIXTRAL = dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2)
 QWEN3 = dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3)
+# A Qwen3-MoE whose middle layer is dense (routed, dense, routed: both stacks sliced into runs), and one
+# with decoder_sparse_step=2 (dense, routed, dense, routed: one scan over the repeated pair)
+QWEN3_MIXED = dict(QWEN3, num_hidden_layers=3, mlp_only_layers=[1])
+QWEN3_STEP2 = dict(QWEN3, num_hidden_layers=4, decoder_sparse_step=2)
 CASES = {
     "mixtral": (MixtralConfig, MIXTRAL),
     "mixtral-window-tied-top3": (MixtralConfig, dict(MIXTRAL, sliding_window=7, tie_word_embeddings=True,
                                                       num_experts_per_tok=3)),
     "qwen3moe": (Qwen3MoeConfig, dict(QWEN3, norm_topk_prob=False)),
     "qwen3moe-normalized-top1": (Qwen3MoeConfig, dict(QWEN3, norm_topk_prob=True, num_experts_per_tok=1)),
+    # dense layers (a Qwen3 MLP of intermediate_size) stacked apart: runs of routed and dense layers
+    "qwen3moe-dense-layers": (Qwen3MoeConfig, dict(QWEN3, num_hidden_layers=4, mlp_only_layers=[0, 2, 3])),
+    "qwen3moe-sparse-step-2": (Qwen3MoeConfig, QWEN3_STEP2),
 }
 
 
@@ -51,6 +58,16 @@ def mixtral_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3moe_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("qwen3moe"), _config(Qwen3MoeConfig, **QWEN3), "qwen3moe")
+
+
+@pytest.fixture(scope="module")
+def qwen3moe_mixed_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen3moe_mixed"), _config(Qwen3MoeConfig, **QWEN3_MIXED), "mixed")
+
+
+@pytest.fixture(scope="module")
+def qwen3moe_step2_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen3moe_step2"), _config(Qwen3MoeConfig, **QWEN3_STEP2), "step2")
 
 
 @pytest.fixture(params=["batched", "ragged"])
@@ -146,14 +163,16 @@ def test_aux_loss_equals_transformers_with_padding(mixtral_dir):
     assert load.shape == (2, 6) and np.allclose(np.asarray(load).mean(-1), 1.0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3moe"])
+# Qwen3-MoE's routed layers run in both mixed models
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe_mixed", "qwen3moe_step2"])
 def test_full_finetuning_steps_with_aux_loss_match_transformers(tmp_path, family):
     """Two full fine-tuning steps with output_router_logits (the aux loss weighs 0.3 here, so a missing
     or wrong aux gradient moves the router and experts visibly) against transformers + torch AdamW:
     losses, and the router, experts and attention after the steps."""
     from transformers import AutoModelForCausalLM
 
-    kind, keys = {"mixtral": (MixtralConfig, MIXTRAL), "qwen3moe": (Qwen3MoeConfig, QWEN3)}[family]
+    kind, keys = {"mixtral": (MixtralConfig, MIXTRAL), "qwen3moe": (Qwen3MoeConfig, QWEN3),
+                  "qwen3moe_mixed": (Qwen3MoeConfig, QWEN3_MIXED), "qwen3moe_step2": (Qwen3MoeConfig, QWEN3_STEP2)}[family]
     path = save_tiny(tmp_path, _config(kind, **keys, output_router_logits=True, router_aux_loss_coef=0.3), family)
     model = load_model(path)
     assert model.cfg.router_aux_loss_coef == 0.3
@@ -166,14 +185,21 @@ def test_full_finetuning_steps_with_aux_loss_match_transformers(tmp_path, family
     theirs = _torch_steps(ref, params, batches, decay)
     np.testing.assert_allclose(ours, theirs, rtol=LOSS_RTOL)
     after = {n: p.detach().numpy() for n, p in ref.named_parameters()}
-    layers = model.layers
     ours_now = {}
-    for layer in range(2):
-        prefix = f"model.layers.{layer}."
-        ours_now[prefix + "mlp.gate.weight"] = np.asarray(layers.mlp.gate.kernel[...][layer]).T
-        ours_now[prefix + "mlp.experts.gate_up_proj"] = np.swapaxes(np.asarray(layers.mlp.experts.gate_up_proj.kernel[...][layer]), -1, -2)
-        ours_now[prefix + "mlp.experts.down_proj"] = np.swapaxes(np.asarray(layers.mlp.experts.down_proj.kernel[...][layer]), -1, -2)
-        ours_now[prefix + "self_attn.q_proj.weight"] = np.asarray(layers.self_attn.q_proj.kernel[...][layer]).T
+    for stack in ("layers", "dense_layers"):
+        for entry, layer in enumerate(model.cfg.stack_layers(stack)):
+            mod, prefix = getattr(model, stack), f"model.layers.{layer}."
+
+            def kernel(linear, entry=entry):
+                return np.swapaxes(np.asarray(linear.kernel[...][entry]), -1, -2)
+            ours_now[prefix + "self_attn.q_proj.weight"] = kernel(mod.self_attn.q_proj)
+            if stack == "dense_layers":
+                ours_now[prefix + "mlp.down_proj.weight"] = kernel(mod.mlp.down_proj)
+                continue
+            ours_now[prefix + "mlp.gate.weight"] = kernel(mod.mlp.gate)
+            ours_now[prefix + "mlp.experts.gate_up_proj"] = kernel(mod.mlp.experts.gate_up_proj)
+            ours_now[prefix + "mlp.experts.down_proj"] = kernel(mod.mlp.experts.down_proj)
+    assert len(ours_now) == {"qwen3moe_mixed": 10, "qwen3moe_step2": 12}.get(family, 8)
     names = list(ours_now)
     assert_updates_close([before[n] for n in names], [ours_now[n] for n in names], [after[n] for n in names],
                          lr=OPTIM["learning_rate"], steps=2, names=names)
@@ -199,37 +225,59 @@ def test_router_loss_and_load_are_logged(mixtral_dir):
     assert float(metrics["aux_loss"]) > 0.9 and float(metrics["expert_load_min"]) <= 1.0 <= float(metrics["expert_load_max"])
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe", "qwen3moe_mixed"])
 def test_round_trip_is_bit_exact(tmp_path, family, request):
     check_round_trip_is_bit_exact(request.getfixturevalue(f"{family}_dir"), tmp_path / "out")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe_mixed", "qwen3moe_step2"])
 def test_greedy_matches_transformers_generate(family, request):
     check_greedy_matches_transformers(request.getfixturevalue(f"{family}_dir"))
 
 
 def test_configs_that_cannot_be_honoured_are_errors(tmp_path):
-    with pytest.raises(jaxtune.errors.ModelLoadError, match=r"layers \[1\] are dense"):
-        load_model(save_tiny(tmp_path / "a", _config(Qwen3MoeConfig, **QWEN3, mlp_only_layers=[1]), "a"))
+    with pytest.raises(jaxtune.errors.ModelLoadError, match=r"every layer is dense.*Qwen3ForCausalLM"):
+        load_model(save_tiny(tmp_path / "a", _config(Qwen3MoeConfig, **QWEN3, mlp_only_layers=[0, 1]), "a"))
     with pytest.raises(jaxtune.errors.ModelLoadError, match="router_jitter_noise"):
         load_model(save_tiny(tmp_path / "b", _config(MixtralConfig, **MIXTRAL, router_jitter_noise=0.1), "b"))
 
 
-def test_lora_on_experts_and_router_matches_peft(tmp_path, mixtral_dir):
-    """LoRA on the attention, on every expert (PEFT's target_parameters: one adapter per expert on the
-    stacked gate_up_proj / down_proj) and on the router: our adapters, written as a PEFT adapter, load in
-    PEFT; three training steps on both sides give the same losses and adapters; the trained adapter we
-    write equals PEFT's own save, key for key."""
+def test_unfrozen_parameters_name_layers_in_either_stack(qwen3moe_mixed_dir):
+    """unfrozen_parameters by HF names: layer 1 is the dense stack's only entry, layer 2 the routed
+    stack's second."""
+    from jaxtune.peft.unfrozen import select_unfrozen
+
+    paths, masks = select_unfrozen(load_model(qwen3moe_mixed_dir),
+                                   ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.gate.weight"])
+    assert paths == {("dense_layers", "mlp", "down_proj", "kernel"), ("layers", "mlp", "gate", "kernel")}
+    assert list(masks) == ["layers/mlp/gate/kernel"]  # the dense stack's one entry trains whole
+    assert masks["layers/mlp/gate/kernel"].reshape(2, -1)[:, 0].tolist() == [0.0, 1.0]
+
+
+LORA_CASES = {
+    # the attention, every expert (PEFT's target_parameters: one adapter per expert on the stacked
+    # gate_up_proj / down_proj) and the router
+    "mixtral": (("q_proj", "v_proj"), ("mlp.experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight")),
+    # a dense middle layer (its attention adapted, the experts of the others)
+    "qwen3moe_mixed": (("q_proj", "v_proj"), ("mlp.experts.gate_up_proj",)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LORA_CASES))
+def test_lora_on_experts_and_router_matches_peft(tmp_path, family, request):
+    """LoRA on the attention, the experts (and router, or a dense layer's MLP): our adapters, written as
+    a PEFT adapter, load in PEFT; three training steps on both sides give the same losses and adapters;
+    the trained adapter we write equals PEFT's own save, key for key."""
     from peft import PeftModel
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
     from jaxtune.peft import adapter, lora
 
-    model = load_model(mixtral_dir)
-    spec = lora.LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj"),
-                         parameters=("mlp.experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"))
+    model_dir = request.getfixturevalue(f"{family}_dir")
+    model = load_model(model_dir)
+    targets, parameters = LORA_CASES[family]
+    spec = lora.LoraSpec(r=4, alpha=8, targets=targets, parameters=parameters)
     lora.add_lora(model, spec, jax.random.key(1))
     for i, module in enumerate(adapter.adapted_modules(model).values()):
         if hasattr(module, "lora_b"):  # B != 0: A and B both learn from the first step
@@ -237,11 +285,18 @@ def test_lora_on_experts_and_router_matches_peft(tmp_path, mixtral_dir):
             module.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(10 + i), b.shape))
     adapter.save_adapter(model, spec, tmp_path / "start")
     start = load_file(str(tmp_path / "start" / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in start  # gate_up_proj, inner
-    assert start["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].shape == (64, 4 * 6)  # down_proj
-    assert start["base_model.model.model.layers.0.mlp.gate.lora_B.weight"].shape == (6, 4)
+    if family == "mixtral":
+        assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in start  # gate_up_proj, inner
+        assert start["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].shape == (64, 4 * 6)  # down_proj
+        assert start["base_model.model.model.layers.0.mlp.gate.lora_B.weight"].shape == (6, 4)
+    else:
+        assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in start  # the dense layer
+        assert "base_model.model.model.layers.2.mlp.experts.lora_A.weight" in start
+        assert not any(".layers.1.mlp" in k for k in start)
+        with pytest.raises(jaxtune.errors.JaxtuneError, match="gate_proj"):  # PEFT would adapt the experts
+            lora.add_lora(load_model(model_dir), lora.LoraSpec(r=4, alpha=8, targets=("gate_proj",)), jax.random.key(1))
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "start"), is_trainable=True)
     batches = [_batch(0), _batch(1), _batch(2)]
     ours, _ = _jax_steps(model, lora.trainable_filter(model, spec), batches, OPTIM)
@@ -257,19 +312,22 @@ def test_lora_on_experts_and_router_matches_peft(tmp_path, mixtral_dir):
                          lr=OPTIM["learning_rate"], steps=3, names=names)
 
 
-def test_expert_adapter_round_trips_and_merges(tmp_path, mixtral_dir):
-    """A PEFT adapter on the experts read back onto a fresh model (lora_model_dir) gives the same logits,
-    and folded into the weights (`jaxtune generate --adapter`) too; the merged export equals PEFT's
-    merge_and_unload in transformers."""
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen3moe_mixed"])
+def test_expert_adapter_round_trips_and_merges(tmp_path, family, request):
+    """A PEFT adapter on the experts (and, with a dense layer, on every layer's q_proj) read back onto a
+    fresh model (lora_model_dir) gives the same logits, and folded into the weights (`jaxtune generate
+    --adapter`) too; the merged export equals PEFT's merge_and_unload in transformers."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from jaxtune.peft import adapter, lora
 
+    mixtral_dir = request.getfixturevalue(f"{family}_dir")
     model = load_model(mixtral_dir)
-    spec = lora.LoraSpec(r=2, alpha=4, targets=(), parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    spec = lora.LoraSpec(r=2, alpha=4, targets=("q_proj",) if family == "qwen3moe_mixed" else (),
+                         parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
     lora.add_lora(model, spec, jax.random.key(2))
-    for i, module in enumerate(lora.layer_parameters(model).values()):
+    for i, module in enumerate(adapter.adapted_modules(model).values()):
         if hasattr(module, "lora_b"):
             module.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(20 + i), module.lora_b.get_value().shape))
     adapter.save_adapter(model, spec, tmp_path / "a")
@@ -356,10 +414,12 @@ def test_expert_parallel_equals_one_device(tmp_path):
     """expert=4 x fsdp=2 on 8 CPU devices (two experts per device, rows split over all eight) against one
     device: the loss, the load-balancing loss and every gradient (LoRA on attention, experts, router),
     with the router as trained (`random`), then sending every token's first choice to expert 7, held by
-    one device only (`remote`): tokens on the other devices reach it only through the dispatch (a
-    computation without the all-to-all is 95x over the loss tolerance)."""
-    path = save_tiny(tmp_path, _config(MixtralConfig, vocab_size=128, intermediate_size=48, num_local_experts=8,
-                                       num_experts_per_tok=2, max_position_embeddings=128), "mixtral8")
+    one device only (`remote`): tokens on the other devices reach it only through the dispatch (on the
+    Mixtral this test first ran, a computation without the all-to-all was 95x over the loss tolerance).
+    The model is a Qwen3-MoE whose middle layer is dense: that stack is split over the same mesh."""
+    path = save_tiny(tmp_path, _config(Qwen3MoeConfig, **dict(QWEN3_MIXED, vocab_size=128, num_experts=8,
+                                                               num_experts_per_tok=2, max_position_embeddings=128)),
+                     "qwen3moe8")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", EP_SCRIPT, str(path)], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -408,17 +468,21 @@ def test_plan_counts_experts_per_device_and_the_dispatch(mixtral_dir):
 
 
 # float experts under QLoRA run the same LoRA path as plain LoRA (test_lora_on_experts_and_router_matches_peft)
-@pytest.mark.parametrize("quantize_experts", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_qlora_with_expert_adapters_trains_and_loads_in_peft(tmp_path, qwen3moe_dir, quantize_experts):
+@pytest.mark.parametrize("quantize_experts, family", [pytest.param(False, "qwen3moe", marks=pytest.mark.slow),
+                                                       (True, "qwen3moe_mixed")])
+def test_qlora_with_expert_adapters_trains_and_loads_in_peft(tmp_path, quantize_experts, family, request):
     """QLoRA through `jaxtune.train` on Qwen3-MoE with adapters on the attention and the experts: NF4
-    attention (the experts in float, as bitsandbytes leaves them, or NF4 too with quantize_moe_experts);
-    the loss falls and the PEFT adapter on the quantized base equals the merged export."""
+    attention (the experts in float, as bitsandbytes leaves them, or NF4 too with quantize_moe_experts;
+    a dense layer's MLP NF4 as every nn.Linear); the loss falls and the PEFT adapter on the quantized
+    base equals the merged export."""
+    model_dir = request.getfixturevalue(f"{family}_dir")
     check_qlora_trains_and_adapter_loads(
-        qwen3moe_dir, tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj"], quantize_moe_experts=quantize_experts,
+        model_dir, tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj"], quantize_moe_experts=quantize_experts,
         lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], lora_dropout=0.0)
     from jaxtune.checkpoint.hf import load_model_config
     from jaxtune.peft.qlora import projection_paths
 
-    paths = projection_paths(load_model_config(qwen3moe_dir).architecture, quantize_experts)
+    paths = projection_paths(load_model_config(model_dir).architecture, quantize_experts)
     assert (("layers", "mlp", "experts", "down_proj", "kernel") in paths) == quantize_experts
     assert ("layers", "mlp", "gate", "kernel") not in paths
+    assert ("dense_layers", "mlp", "down_proj", "kernel") in paths

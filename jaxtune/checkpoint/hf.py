@@ -183,14 +183,14 @@ def load_model(path, *, dtype="float32", param_dtype=None, attn_implementation="
 
 
 def _assemble(reader, family, cfg, ppath, abstract, pdtype, used) -> np.ndarray:
-    stacked = ppath[0] == "layers"
+    layers = cfg.stack_layers(ppath[0])
     transpose = ppath[-1] == "kernel"
     out = aligned_empty(abstract.shape, pdtype)
-    for layer in range(cfg.num_layers) if stacked else [None]:
+    for entry, layer in enumerate(layers) if layers is not None else [(None, None)]:
         for name, index in tensor_parts(family, cfg, ppath, layer):
             if name not in reader:
                 raise ModelLoadError(f"tensor {name} is missing from {reader.directory}")
-            target = (out[layer] if stacked else out)[index]
+            target = (out if entry is None else out[entry])[index]
             expected = target.shape[::-1] if transpose else target.shape
             actual = reader.shape(name)
             if tuple(actual) != tuple(expected):
@@ -233,22 +233,22 @@ def hf_tensors(model, dtype: Any = None) -> list[TensorToWrite]:
         merge = owner is not None and not owner.KERNEL_AS_STORED
         source_dtype = as_dtype(value.dtype)
         out_dtype = as_dtype(dtype) if dtype is not None else source_dtype
-        stacked = ppath[0] == "layers"
-        for layer in range(cfg.num_layers) if stacked else [None]:
-            whole = owner.kernel_shape if merge else (value.shape[1:] if stacked else value.shape)  # one layer's
+        layers = cfg.stack_layers(ppath[0])
+        for entry, layer in enumerate(layers) if layers is not None else [(None, None)]:
+            whole = owner.kernel_shape if merge else (value.shape if entry is None else value.shape[1:])  # one layer's
             for name, index in tensor_parts(family, cfg, ppath, layer):
                 shape = np.empty(whole, dtype=np.bool_)[index].shape
                 shape = tuple(shape[::-1]) if transpose else tuple(shape)
 
-                def produce(value=value, layer=layer, index=index, transpose=transpose, out_dtype=out_dtype,
+                def produce(value=value, entry=entry, index=index, transpose=transpose, out_dtype=out_dtype,
                             owner=owner, merge=merge):
                     if merge:
-                        arr = to_host(owner.merged_kernel(layer, jnp.float32))[index]
+                        arr = to_host(owner.merged_kernel(entry, jnp.float32))[index]
                     else:
-                        arr = to_host(value[layer] if layer is not None else value)[index]
+                        arr = to_host(value if entry is None else value[entry])[index]
                     return (arr.T if transpose else arr).astype(out_dtype)
 
-                order = 0 if ppath[0] == model.EMBED else (2 if ppath[0] != "layers" else 1)
+                order = 0 if ppath[0] == model.EMBED else (2 if layers is None else 1)
                 entries.append((order, -1 if layer is None else layer,
                                 TensorToWrite(name, tuple(shape), out_dtype, produce)))
     entries.sort(key=lambda e: (e[0], e[1], e[2].name))

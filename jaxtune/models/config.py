@@ -96,6 +96,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.0
+    # A mixture of experts' layers whose MLP is dense (of `intermediate_size`; Qwen3-MoE's mlp_only_layers /
+    # decoder_sparse_step): stacked apart, as `dense_layers` (see stack_layers).
+    dense_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -110,6 +113,17 @@ class ModelConfig:
         per_layer = self.layer_ropes or (self.rope,) * self.num_layers
         distinct = tuple(dict.fromkeys(per_layer))
         return distinct, tuple(distinct.index(r) for r in per_layer)
+
+    def stack_layers(self, stack: str) -> tuple[int, ...] | None:
+        """The layer (HF's index) of each entry of a layer stack's parameters: `layers` holds every layer,
+        or, where some layers are dense (`dense_layers`), the routed ones; `dense_layers` the dense ones.
+        None for a parameter outside the stacks (embedding, final norm, head)."""
+        if stack == "dense_layers":
+            return self.dense_layers
+        if stack != "layers":
+            return None
+        dense = set(self.dense_layers)
+        return tuple(layer for layer in range(self.num_layers) if layer not in dense)
 
     @property
     def source_config(self) -> dict[str, Any]:

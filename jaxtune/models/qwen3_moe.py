@@ -3,7 +3,8 @@
 As Mixtral (models/mixtral.py) but: the top-k weights are renormalized only with `norm_topk_prob`
 and rounded to the activations' dtype, the experts' intermediate size is `moe_intermediate_size`, and
 checkpoints name the experts' parts `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`. Layers
-made dense by `mlp_only_layers` / `decoder_sparse_step` are not supported yet (an error says so): the
+made dense by `mlp_only_layers` / `decoder_sparse_step` (a Qwen3 MLP of `intermediate_size`, the dense
+layer transformers builds) are stacked apart as `dense_layers` (see models.stack.layer_runs); the
 released Qwen3-MoE checkpoints route every layer.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import mixtral
+from jaxtune.models import llama, mixtral
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig, decoder_fields
 from jaxtune.models.layers import ACTIVATIONS, RMSNorm
@@ -21,6 +22,11 @@ from jaxtune.models.stack import DecoderLM
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 LORA_TARGETS, LORA_PARAMETERS, EXPERTS = mixtral.LORA_TARGETS, mixtral.LORA_PARAMETERS, mixtral.EXPERTS
+# The dense layers (mlp_only_layers / decoder_sparse_step): their projections (what QLoRA quantizes, as
+# bitsandbytes does every nn.Linear), and those that take adapters: the attention's only, as PEFT with
+# transformers 5 reads gate_proj / up_proj / down_proj in a Qwen3-MoE's target_modules as the experts'
+# (v4) names and adapts the experts instead, so a dense MLP adapter could not be loaded back in PEFT.
+DENSE_LINEARS, DENSE_LORA_TARGETS = llama.LORA_TARGETS, LORA_TARGETS
 hf_tensor_name = mixtral.hf_tensor_name
 
 
@@ -36,16 +42,17 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
         raise ModelLoadError(f"hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     n = hf.num_hidden_layers
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    dense = sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step})
-    if dense:
-        raise ModelLoadError(f"layers {dense} are dense (mlp_only_layers / decoder_sparse_step={step}): a Qwen3-MoE "
-                             "that mixes dense and sparse layers is not supported; every layer must be sparse")
+    # transformers' Qwen3MoeDecoderLayer: sparse unless listed in mlp_only_layers or off the sparse step
+    dense = tuple(sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step}))
+    if len(dense) == n:
+        raise ModelLoadError(f"every layer is dense (mlp_only_layers / decoder_sparse_step={step}): no expert is "
+                             "ever used; load it as a Qwen3ForCausalLM")
     window = getattr(hf, "sliding_window", None)
     bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         architecture=architecture, **decoder_fields(hf, source_json), rope=rope_lib.config_from_hf(hf), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias, o_bias=bias, qk_norm=True, hidden_act=act,
-        sliding_windows=(int(window) if window else None,) * n, norm_topk_prob=bool(hf.norm_topk_prob),
+        sliding_windows=(int(window) if window else None,) * n, norm_topk_prob=bool(hf.norm_topk_prob), dense_layers=dense,
         **mixtral.moe_fields(hf, int(hf.num_experts), hf.moe_intermediate_size))
 
 
@@ -60,4 +67,4 @@ class Block(mixtral.Block):
 class CausalLM(DecoderLM):
     """Qwen3-MoE: `model(input_ids)` -> logits [B, T, vocab] (see DecoderLM)."""
 
-    BLOCK, NORM = Block, RMSNorm
+    BLOCK, NORM, DENSE_BLOCK = Block, RMSNorm, llama.Block

@@ -60,17 +60,53 @@ def hf_names(base: str, head: str):
         hf_leaf = "bias" if leaf == "bias" else "weight"
         if modules[0] == head:
             return f"{head}.{hf_leaf}"
-        if modules[0] == "layers":
+        if modules[0] in STACKS:  # `dense_layers` too: HF numbers every layer alike
             return ".".join([base, "layers", str(layer), *modules[1:], hf_leaf])
         return ".".join([base, *modules, hf_leaf])
 
     return hf_tensor_name
 
 
-def stacked_layers(block: type, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    """`cfg.num_layers` blocks with their parameters stacked on a leading `layers` axis (for lax.scan)."""
+# The layer stacks a model may have: `layers`, and a mixture of experts' dense layers apart
+# (ModelConfig.dense_layers / stack_layers say which layer each entry is).
+STACKS = ("layers", "dense_layers")
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+
+def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
+    """The layers in order as runs of consecutive layers of one stack: (stack, first layer, its entry in
+    the stack, how many). One run of every layer when the model has one stack."""
+    dense = set(cfg.dense_layers)
+    runs: list[list] = []
+    taken = dict.fromkeys(STACKS, 0)
+    for layer in range(cfg.num_layers):
+        stack = "dense_layers" if layer in dense else "layers"
+        if runs and runs[-1][0] == stack:
+            runs[-1][3] += 1
+        else:
+            runs.append([stack, layer, taken[stack], 1])
+        taken[stack] += 1
+    return [tuple(run) for run in runs]
+
+
+def layer_period(cfg: ModelConfig) -> int:
+    """The period of a model's pattern of routed and dense layers (2 for decoder_sparse_step=2: dense,
+    routed, dense, routed, ...), or 0 where it has one stack or the pattern does not repeat."""
+    if not cfg.dense_layers:
+        return 0
+    dense = set(cfg.dense_layers)
+    kinds = [layer in dense for layer in range(cfg.num_layers)]
+    for period in range(2, cfg.num_layers // 2 + 1):
+        if cfg.num_layers % period == 0 and all(kinds[i] == kinds[i % period] for i in range(cfg.num_layers)):
+            return period
+    return 0
+
+
+def stacked_layers(block: type, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                   count: int | None = None):
+    """`count` (default cfg.num_layers) blocks with their parameters stacked on a leading `layers` axis
+    (for lax.scan)."""
+
+    @nnx.split_rngs(splits=count or cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs: nnx.Rngs):
         return block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -132,6 +168,9 @@ class DecoderLM(nnx.Module):
     EMBED, FINAL_NORM, HEAD = "embed_tokens", "norm", "lm_head"
     BLOCK: type
     NORM: type
+    # A mixture of experts with dense layers (cfg.dense_layers) stacks those apart as `dense_layers`,
+    # blocks of this class (the family's dense layer).
+    DENSE_BLOCK: type | None = None
     # A routed (MoE) block sets ROUTED: its `finish(x, out, keys, valid)` takes the real-token mask and
     # returns (x, models.moe.RouterStats). With `collect_router_stats` set (the trainer sets it on the
     # model of its step), `hidden_states` sows each layer's statistics as nnx.Intermediate
@@ -151,7 +190,9 @@ class DecoderLM(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         setattr(self, self.EMBED, Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                                         padding_idx=cfg.pad_token_id if self.PADDING_IDX else None, **kw))
-        self.layers = stacked_layers(self.BLOCK, cfg, rngs=rngs, **kw)
+        self.layers = stacked_layers(self.BLOCK, cfg, rngs=rngs, count=len(cfg.stack_layers("layers")), **kw)
+        if cfg.dense_layers:
+            self.dense_layers = stacked_layers(self.DENSE_BLOCK, cfg, rngs=rngs, count=len(cfg.dense_layers), **kw)
         setattr(self, self.FINAL_NORM, self.NORM(cfg.hidden_size, eps=cfg.rms_norm_eps, axis="embed", **kw))
         setattr(self, self.HEAD, None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, **kw))
@@ -272,58 +313,105 @@ class DecoderLM(nnx.Module):
         def layer_window(traced):
             return cfg.sliding_windows[0] if static else traced
 
-        graphdef, layer_state = nnx.split(self.layers)
         common = dict(positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation,
                       scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if hasattr(self, name)}
+
+        def over_layers(make_step, per_layer):
+            """Every layer in order, `make_step(graphdef, block_class)` giving a layer's
+            `step(x, (its parameters, its per_layer slices))` -> (x, ys): one lax.scan over the layers
+            (one stack), over the repeats of a periodic pattern of routed and dense layers (a scan step
+            runs one period, e.g. a dense then a routed layer), or over each run of one stack's
+            consecutive layers. Returns the ys of the layers that have them (not None), in layer order."""
+            nonlocal x
+            steps = {name: make_step(graphdef, type(getattr(self, name))) for name, (graphdef, _) in stacks.items()}
+            period = layer_period(cfg)
+            if period:
+                kinds = ["dense_layers" if layer in cfg.dense_layers else "layers" for layer in range(period)]
+                repeats = cfg.num_layers // period
+                states = {name: jax.tree.map(lambda a: a.reshape(repeats, -1, *a.shape[1:]), state)
+                          for name, (_, state) in stacks.items()}
+
+                def body(x, xs):
+                    states, per = xs
+                    taken, outs = dict.fromkeys(states, 0), []
+                    for j, stack in enumerate(kinds):
+                        own = jax.tree.map(lambda a: a[taken[stack]], states[stack])
+                        x, ys = steps[stack](x, (own, jax.tree.map(lambda a: a[j], per)))
+                        taken[stack] += 1
+                        outs.append(ys)
+                    present = [ys for ys in outs if ys is not None]
+                    return x, (jax.tree.map(lambda *parts: jnp.stack(parts), *present) if present else None)
+
+                per = jax.tree.map(lambda a: a.reshape(repeats, period, *a.shape[1:]), per_layer)
+                x, ys = jax.lax.scan(body, x, (states, per))
+                return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys)
+            outs = []
+            for stack, first, entry, count in layer_runs(cfg):
+                _, state = stacks[stack]
+                if count < len(cfg.stack_layers(stack)):
+                    state = jax.tree.map(lambda a: a[entry:entry + count], state)
+                run = per_layer if count == cfg.num_layers else jax.tree.map(lambda a: a[first:first + count], per_layer)
+                x, ys = jax.lax.scan(steps[stack], x, (state, run))
+                outs.append(ys)
+            present = [ys for ys in outs if ys is not None]
+            if len(present) <= 1:
+                return present[0] if present else None
+            return jax.tree.map(lambda *parts: jnp.concatenate(parts), *present)
 
         if cache is None:
             keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
             policy = REMAT_POLICIES[self.remat]
 
-            def body(x, xs):
-                state, window, rope_id, key = xs
-                block = nnx.merge(graphdef, state)
-                cos, sin = layer_rope(rope_id)
-                x, _, _, stats = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None,
-                                                 rng=key, **common)
-                return x, stats
+            def make_step(graphdef, block_class):
+                def body(x, xs):
+                    state, (window, rope_id, key) = xs
+                    block = nnx.merge(graphdef, state)
+                    cos, sin = layer_rope(rope_id)
+                    x, _, _, stats = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None,
+                                                     rng=key, **common)
+                    return x, stats
 
-            def split_body(x, xs):
-                # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
-                # log-sum-exp); only the parts before and after it are under the remat policy.
-                state, window, rope_id, key = xs
-                r = self.BLOCK.dropout_keys(key)
-                cos, sin = layer_rope(rope_id)
-                q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
-                                         policy=policy, prevent_cse=False)(state, x)
-                out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                kv_positions=positions, sliding_window=layer_window(window), scale=cfg.attn_scale,
-                                softcap=cfg.attn_softcap, implementation=self.attn_implementation)
-                return jax.checkpoint(lambda s, x, out: finish_layer(nnx.merge(graphdef, s), x, out, r, segment_ids),
-                                      policy=policy, prevent_cse=False)(state, x, out)
+                def split_body(x, xs):
+                    # The attention backend's own VJP keeps what its backward needs (q, k, v, output,
+                    # log-sum-exp); only the parts before and after it are under the remat policy.
+                    state, (window, rope_id, key) = xs
+                    r = block_class.dropout_keys(key)
+                    cos, sin = layer_rope(rope_id)
+                    q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
+                                             policy=policy, prevent_cse=False)(state, x)
+                    out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                    q_positions=positions, kv_positions=positions,
+                                    sliding_window=layer_window(window), scale=cfg.attn_scale,
+                                    softcap=cfg.attn_softcap, implementation=self.attn_implementation)
+                    return jax.checkpoint(lambda s, x, out: finish_layer(nnx.merge(graphdef, s), x, out, r, segment_ids),
+                                          policy=policy, prevent_cse=False)(state, x, out)
 
-            if self.remat != "full" and self.attn_implementation in OWN_VJP:
-                step = split_body
-            else:
-                step = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            x, stats = jax.lax.scan(step, x, (layer_state, windows, rope_ids, keys))
+                if self.remat != "full" and self.attn_implementation in OWN_VJP:
+                    return split_body
+                return jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+            stats = over_layers(make_step, (windows, rope_ids, keys))
             return x, None, stats
 
         index = cache.index
 
-        def cached_body(x, xs):
-            state, window, rope_id, k_layer, v_layer = xs
-            block = nnx.merge(graphdef, state)
-            cos, sin = layer_rope(rope_id)
-            # this layer's cache, materialized: fused into the attention's reductions, the slice of
-            # the stacked cache was indexed element by element
-            k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
-            kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
-            x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
-            return x, (k, v)
+        def make_cached_step(graphdef, block_class):
+            def cached_body(x, xs):
+                state, (window, rope_id, k_layer, v_layer) = xs
+                block = nnx.merge(graphdef, state)
+                cos, sin = layer_rope(rope_id)
+                # this layer's cache, materialized: fused into the attention's reductions, the slice of
+                # the stacked cache was indexed element by element
+                k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
+                kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
+                x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
+                return x, (k, v)
 
-        x, (k_new, v_new) = jax.lax.scan(cached_body, x, (layer_state, windows, rope_ids, cache.k, cache.v))
+            return cached_body
+
+        k_new, v_new = over_layers(make_cached_step, (windows, rope_ids, cache.k, cache.v))
 
         def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
             return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),

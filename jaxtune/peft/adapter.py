@@ -32,9 +32,12 @@ from jaxtune.peft.lora import (
     layer_linears,
     layer_parameters,
     lora_parameters,
-    lora_targets,
     module_path,
     modules_to_save_names,
+    site_name,
+    split_site,
+    stack_of,
+    stack_targets,
 )
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,10 +57,11 @@ def site_keys(model, spec: LoraSpec, layer: int) -> dict[str, str]:
     projections (`model.layers.3.self_attn.q_proj`) and the target parameters `spec` adapts. Parameters
     of one module nest as PEFT nests its wrappers: the first in the module's order innermost
     (`model.layers.3.mlp.experts.base_layer` for gate_up_proj when down_proj is adapted too)."""
-    keys = {name: module_path(model, name, layer) for name in lora_targets(model)}
+    stack = stack_of(model, layer)
+    keys = {site_name(stack, name): module_path(model, name, layer) for name in stack_targets(model)[stack]}
     family = family_for(model.cfg.architecture)
     by_module: dict[str, list[str]] = {}
-    for name in (spec.adapted_parameters(model) if spec.parameters else ()):
+    for name in (spec.adapted_parameters(model) if spec.parameters and stack == "layers" else ()):
         path = ("layers", *lora_parameters(model)[name].split("."), "kernel")
         by_module.setdefault(family.hf_tensor_name(path, layer).rpartition(".")[0], []).append(name)
     for module, names in by_module.items():
@@ -96,18 +100,19 @@ def adapter_tensors(model, spec: LoraSpec) -> list[TensorToWrite]:
     modules_to_save weights."""
     prefix = "base_model.model."
     tensors = []
-    for name, module in adapted_modules(model).items():
+    for site, module in adapted_modules(model).items():
         if not isinstance(module, (LoraLinear, LoraExpertLinear)):
             continue
-        gates = np.ones(model.cfg.num_layers) if module.lora_gate is None else to_host(module.lora_gate[...])
-        for layer in np.flatnonzero(gates):
-            base = f"{prefix}{site_keys(model, spec, int(layer))[name]}"
+        layers = model.cfg.stack_layers(split_site(site)[0])
+        gates = np.ones(len(layers)) if module.lora_gate is None else to_host(module.lora_gate[...])
+        for entry in np.flatnonzero(gates):
+            base = f"{prefix}{site_keys(model, spec, layers[entry])[site]}"
             a_shape, b_shape = (x.shape for x in to_peft(np.empty(module.lora_a.get_value().shape[1:], np.bool_),
                                                           np.empty(module.lora_b.get_value().shape[1:], np.bool_)))
 
-            def produce(i, layer=int(layer), module=module):
-                pair = to_peft(to_host(module.lora_a.get_value()[layer]).astype(np.float32),
-                               to_host(module.lora_b.get_value()[layer]).astype(np.float32))
+            def produce(i, entry=int(entry), module=module):
+                pair = to_peft(to_host(module.lora_a.get_value()[entry]).astype(np.float32),
+                               to_host(module.lora_b.get_value()[entry]).astype(np.float32))
                 return np.ascontiguousarray(pair[i])
 
             tensors.append(TensorToWrite(f"{base}.lora_A.weight", a_shape, np.dtype(np.float32),
@@ -157,20 +162,21 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
                              f"({', '.join(names)})")
     spec = dataclasses.replace(spec, modules_to_save=tuple(names[m] for m in spec.modules_to_save))
     weights = _read_adapter_weights(adapter_dir)
-    num_layers = model.cfg.num_layers
     pairs, whole = _split_adapter_weights(weights)
-    keys = [site_keys(model, spec, layer) for layer in range(num_layers)]
-    for name, module in adapted_modules(model).items():
-        if name not in keys[0]:
+    keys = [site_keys(model, spec, layer) for layer in range(model.cfg.num_layers)]
+    for site, module in adapted_modules(model).items():
+        stack, name = split_site(site)
+        layers = model.cfg.stack_layers(stack)
+        if site not in keys[layers[0]]:
             continue
         experts = module.num_experts if isinstance(module, ExpertLinear) else None
         lead = () if experts is None else (experts,)
-        gates = np.zeros(num_layers, np.float32)
-        a = np.zeros((num_layers, *lead, module.in_features, spec.r), np.float32)
-        b = np.zeros((num_layers, *lead, spec.r, module.out_features), np.float32)
+        gates = np.zeros(len(layers), np.float32)
+        a = np.zeros((len(layers), *lead, module.in_features, spec.r), np.float32)
+        b = np.zeros((len(layers), *lead, spec.r, module.out_features), np.float32)
         want = to_peft(a[0], b[0])
-        for layer in range(num_layers):
-            parts = pairs.pop(keys[layer][name], None)
+        for entry, layer in enumerate(layers):
+            parts = pairs.pop(keys[layer][site], None)
             if parts is None:
                 continue
             if set(parts) != {"lora_A", "lora_B"}:
@@ -179,10 +185,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike, dropout: float | None = 
                 raise ModelLoadError(f"{adapter_dir}: layer {layer} {name} adapter shapes {parts['lora_A'].shape} "
                                      f"/ {parts['lora_B'].shape} do not fit r={spec.r} and the model "
                                      f"({want[0].shape} / {want[1].shape})")
-            a[layer], b[layer] = from_peft(parts["lora_A"], parts["lora_B"], experts)
-            gates[layer] = 1.0
+            a[entry], b[entry] = from_peft(parts["lora_A"], parts["lora_B"], experts)
+            gates[entry] = 1.0
         if gates.any():
-            _attach(model, name, spec, jnp.asarray(a), jnp.asarray(b), gates)
+            _attach(model, site, spec, jnp.asarray(a), jnp.asarray(b), gates)
     if pairs:
         raise ModelLoadError(f"{adapter_dir}: adapter modules {', '.join(sorted(pairs)[:3])} match no projection "
                              "of the layers")
@@ -259,9 +265,10 @@ def merge_peft_adapter(model, adapter_dir: str | os.PathLike):
     state = nnx.state(model, nnx.Param)
     flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
     by_hf_name = {}
-    for ppath in flat:
-        for layer in range(cfg.num_layers) if ppath[0] == "layers" else [None]:
-            by_hf_name[family.hf_tensor_name(ppath, layer)] = (ppath, layer)
+    for ppath in flat:  # HF name -> (parameter path, its entry in the layer stack or None)
+        layers = cfg.stack_layers(ppath[0])
+        for entry, layer in enumerate(layers) if layers is not None else [(None, None)]:
+            by_hf_name[family.hf_tensor_name(ppath, layer)] = (ppath, entry)
 
     pairs, whole = _split_adapter_weights(_read_adapter_weights(adapter_dir))
     for name, value in whole.items():
@@ -272,10 +279,10 @@ def merge_peft_adapter(model, adapter_dir: str | os.PathLike):
     spec = LoraSpec.from_adapter_config(config)
     modules = adapted_modules(model)
     by_site = {}
-    for layer in range(cfg.num_layers):
+    for entry, layer in enumerate(cfg.stack_layers("layers")):
         for name, key in site_keys(model, spec, layer).items():
             if name in lora_parameters(model):
-                by_site[key] = (("layers", *lora_parameters(model)[name].split("."), "kernel"), layer, modules[name])
+                by_site[key] = (("layers", *lora_parameters(model)[name].split("."), "kernel"), entry, modules[name])
     for module, parts in pairs.items():
         if "lora_A" not in parts or "lora_B" not in parts:
             raise ModelLoadError(f"{weights_path}: {module} has only one of lora_A/lora_B")

@@ -35,15 +35,41 @@ from jaxtune.models.layers import Linear
 from jaxtune.models.moe import ExpertLinear, grouped_matmul
 from jaxtune.peft.qlora import NF4ExpertLinear, NF4Linear
 
+def stack_targets(model) -> dict[str, dict[str, str]]:
+    """Each layer stack's projections that take adapters (PEFT module name -> where it lives in a layer):
+    the family's LORA_TARGETS in `layers`; a mixture of experts' dense layers (`dense_layers`) have the
+    family's DENSE_LORA_TARGETS (their MLP's projections too)."""
+    family = family_for(model.cfg.architecture)
+    targets = {"layers": family.LORA_TARGETS}
+    if model.cfg.dense_layers:
+        targets["dense_layers"] = family.DENSE_LORA_TARGETS
+    return targets
+
+
 def lora_targets(model) -> dict[str, str]:
-    """The family's projections that take adapters (PEFT module name -> where it lives in a layer)."""
-    return family_for(model.cfg.architecture).LORA_TARGETS
+    """The projections that take adapters in any of the model's layers (PEFT module name -> where it lives)."""
+    return {name: parent for targets in stack_targets(model).values() for name, parent in targets.items()}
+
+
+def site_name(stack: str, name: str) -> str:
+    """An adapter site: a projection or target parameter of a layer stack (`q_proj` in `layers`,
+    `dense_layers/q_proj` in a mixture of experts' dense layers)."""
+    return name if stack == "layers" else f"{stack}/{name}"
+
+
+def split_site(site: str) -> tuple[str, str]:
+    stack, _, name = site.rpartition("/")
+    return stack or "layers", name
+
+
+def stack_of(model, layer: int) -> str:
+    return "dense_layers" if layer in model.cfg.dense_layers else "layers"
 
 
 def module_path(model, name: str, layer: int) -> str:
     """PEFT's (HF's) module path of a layer's projection, e.g. `model.layers.3.self_attn.q_proj`."""
-    parent = lora_targets(model)[name]
-    ppath = ("layers", *parent.split("."), name, "kernel")
+    stack = stack_of(model, layer)
+    ppath = (stack, *stack_targets(model)[stack][name].split("."), name, "kernel")
     return family_for(model.cfg.architecture).hf_tensor_name(ppath, layer).removesuffix(".weight")
 
 
@@ -98,17 +124,19 @@ class LoraSpec:
                    modules_to_save=tuple(config.get("modules_to_save") or ()),
                    parameters=tuple(config.get("target_parameters") or ()))
 
-    def layer_gates(self, model, name: str) -> np.ndarray:
-        """1.0 for the layers whose `name` projection (or target parameter) is adapted, else 0.0."""
-        num_layers = model.cfg.num_layers
-        gates = np.zeros(num_layers, np.float32)
-        for i in range(num_layers):
-            if self.layers is not None and i not in self.layers:
+    def layer_gates(self, model, site: str) -> np.ndarray:
+        """1.0 for the entries of the site's layer stack whose projection (or target parameter) is
+        adapted, else 0.0 (`layers` selects by the layer's HF index)."""
+        stack, name = split_site(site)
+        layers = model.cfg.stack_layers(stack)
+        gates = np.zeros(len(layers), np.float32)
+        for i, layer in enumerate(layers):
+            if self.layers is not None and layer not in self.layers:
                 continue
             if name in lora_parameters(model):
                 hit = name in self.adapted_parameters(model)
             elif isinstance(self.targets, str):
-                hit = re.fullmatch(self.targets, module_path(model, name, i)) is not None
+                hit = re.fullmatch(self.targets, module_path(model, name, layer)) is not None
             else:
                 hit = name in self.targets
             gates[i] = float(hit)
@@ -145,8 +173,9 @@ def lora_parameters(model) -> dict[str, str]:
 
 
 def layer_linears(model) -> dict[str, Linear]:
-    """The stacked layers' projections by PEFT name (the family's LORA_TARGETS)."""
-    return {name: getattr(*_holder(model, name)) for name in lora_targets(model)}
+    """The stacked layers' projections by adapter site (see site_name; the family's LORA_TARGETS)."""
+    return {site_name(stack, name): getattr(*_holder(model, site_name(stack, name)))
+            for stack, targets in stack_targets(model).items() for name in targets}
 
 
 def layer_parameters(model) -> dict[str, Linear]:
@@ -156,23 +185,26 @@ def layer_parameters(model) -> dict[str, Linear]:
 
 def add_lora(model, spec: LoraSpec, key: jax.Array):
     """Give each targeted projection fresh adapters (A as PEFT initialises it, B = 0), in place."""
-    num_layers = model.cfg.num_layers
     if not isinstance(spec.targets, str):
         unknown = [t for t in spec.targets if t not in lora_targets(model)]
         if unknown:
+            dense = [t for t in unknown if t in getattr(family_for(model.cfg.architecture), "DENSE_LINEARS", {})]
+            why = (f" (PEFT reads {', '.join(dense)} in this family's target_modules as the experts' names and adapts "
+                   "the experts instead, so no dense MLP takes an adapter: adapt the experts with "
+                   "lora_target_parameters)") if dense else ""
             raise JaxtuneError(f"lora target modules {', '.join(unknown)} are not projections of "
-                               f"{model.cfg.architecture}'s layers; it has {', '.join(lora_targets(model))}")
+                               f"{model.cfg.architecture}'s layers; it has {', '.join(lora_targets(model))}{why}")
     adapted = 0
-    for i, (name, linear) in enumerate(layer_linears(model).items()):
-        gates = spec.layer_gates(model, name)
+    for i, (site, linear) in enumerate(layer_linears(model).items()):
+        gates = spec.layer_gates(model, site)
         if not gates.any():
             continue
         adapted += 1
         bound = 1.0 / math.sqrt(linear.in_features)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (num_layers, linear.in_features, spec.r), jnp.float32,
+        a = jax.random.uniform(jax.random.fold_in(key, i), (len(gates), linear.in_features, spec.r), jnp.float32,
                                -bound, bound)
-        b = jnp.zeros((num_layers, spec.r, linear.out_features), jnp.float32)
-        _attach(model, name, spec, a, b, gates)
+        b = jnp.zeros((len(gates), spec.r, linear.out_features), jnp.float32)
+        _attach(model, site, spec, a, b, gates)
     if spec.parameters and spec.dropout > 0:
         raise JaxtuneError(f"lora_dropout={spec.dropout} cannot apply to lora_target_parameters (PEFT refuses it: "
                            "dropout cannot be factored out of an adapted parameter); set lora_dropout: 0")
@@ -182,7 +214,7 @@ def add_lora(model, spec: LoraSpec, key: jax.Array):
             continue
         adapted += 1
         module = layer_parameters(model)[name]
-        lead = (num_layers, *module.kernel_shape[:-2])  # [layers] or [layers, experts]
+        lead = (len(gates), *module.kernel_shape[:-2])  # [layers] or [layers, experts]
         bound = 1.0 / math.sqrt(module.in_features)
         a = jax.random.uniform(jax.random.fold_in(key, 1000 + i), (*lead, module.in_features, spec.r), jnp.float32,
                                -bound, bound)
@@ -268,20 +300,21 @@ class NF4LoraExpertLinear(LoraExpertLinear, NF4ExpertLinear):
     """QLoRA on NF4 experts (quantize_moe_experts): per-expert adapters over dequantized kernels."""
 
 
-def _holder(model, name: str):
-    """(the module of the layers holding adapter site `name`, its attribute): a projection of
+def _holder(model, site: str):
+    """(the module of a layer stack holding adapter site `site`, its attribute): a projection of
     LORA_TARGETS (`q_proj` -> model.layers.self_attn, "q_proj") or a module of LORA_PARAMETERS."""
-    targets = lora_targets(model)
+    stack, name = split_site(site)
+    targets = stack_targets(model)[stack]
     path = (f"{targets[name]}.{name}" if name in targets else lora_parameters(model)[name]).split(".")
-    holder = model.layers
+    holder = getattr(model, stack)
     for part in path[:-1]:
         holder = getattr(holder, part)
     return holder, path[-1]
 
 
-def _attach(model, name: str, spec: LoraSpec, a, b, gates: np.ndarray) -> None:
-    """Model surgery: projection `name` becomes a LoRA projection with adapters a, b [layers, ...]."""
-    holder, attr = _holder(model, name)
+def _attach(model, site: str, spec: LoraSpec, a, b, gates: np.ndarray) -> None:
+    """Model surgery: the projection at `site` becomes a LoRA projection with adapters a, b [layers, ...]."""
+    holder, attr = _holder(model, site)
     linear = getattr(holder, attr)
     axes = linear.kernel.get_metadata().get("out_sharding") or ("layers",) + (None,) * (a.ndim - 1)
     lora_a = nnx.LoRAParam(a, sharding_names=(*axes[:-1], None), eager_sharding=False)

@@ -57,6 +57,9 @@ def projection_paths(architecture: str, experts: bool = False) -> set[tuple[str,
     (Axolotl's quantize_moe_experts) the stacked experts are NF4 too."""
     family = family_for(architecture)
     paths = {("layers", *parent.split("."), name, "kernel") for name, parent in family.LORA_TARGETS.items()}
+    # a mixture of experts' dense layers (stacked apart when the model has them)
+    paths |= {("dense_layers", *parent.split("."), name, "kernel")
+              for name, parent in getattr(family, "DENSE_LINEARS", {}).items()}
     if experts:
         paths |= {("layers", *path.split("."), "kernel") for path in getattr(family, "EXPERTS", ())}
     return paths
@@ -88,8 +91,9 @@ def mark_quantized(model):
     """Model surgery: each projection of the layers whose kernel holds an NF4Tensor becomes an
     NF4Linear, stacked experts an NF4ExpertLinear (in place); returns the model."""
     kinds = {Linear: NF4Linear, ExpertLinear: NF4ExpertLinear}
-    swaps = [(module, name, child) for _, module in nnx.iter_graph(model.layers) if isinstance(module, nnx.Module)
-             for name, child in vars(module).items()
+    stacks = [model.layers] + ([model.dense_layers] if model.cfg.dense_layers else [])
+    swaps = [(module, name, child) for stack in stacks for _, module in nnx.iter_graph(stack)
+             if isinstance(module, nnx.Module) for name, child in vars(module).items()
              if type(child) in kinds and isinstance(child.kernel.get_value(), NF4Tensor)]
     for module, name, child in swaps:
         setattr(module, name, kinds[type(child)](child))

@@ -66,11 +66,12 @@ def select_unfrozen(model, patterns: list[str]) -> tuple[set[tuple[str, ...]], d
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = _path(path)
         value = var.get_value()
-        stacked = path[0] == "layers"
+        stack_layers = model.cfg.stack_layers(path[0])
+        stacked = stack_layers is not None
         per_layer = value.shape[1:] if stacked else value.shape
         row_axis = len(per_layer) - 1 if path[-1] == "kernel" else 0  # HF stores kernels transposed
         rows_total = per_layer[row_axis] if per_layer else 1
-        layers = range(value.shape[0]) if stacked else [None]
+        layers = stack_layers if stacked else [None]
         keep = np.zeros((len(layers), rows_total), bool)
         for i, layer in enumerate(layers):
             name = family.hf_tensor_name(path, layer)
