@@ -184,11 +184,13 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
     named = 2 * q_dim + 2 * kv_dim + d
     own_vjp = (q_dim + kv_dim) if attention in OWN_VJP else 0
     # a routed layer's named expert outputs (mlp_up, mlp_down) are its token copies'; `dots` keeps no
-    # expert output (the grouped products have batch dimensions)
-    copies_named = mcfg.experts_per_token * (2 * mcfg.moe_intermediate_size + d)
+    # expert output (the grouped products have batch dimensions). Qwen2-MoE's shared expert, a dense
+    # MLP every token takes, keeps its gate and up as a dense MLP does.
+    shared = mcfg.shared_expert_intermediate_size
+    copies_named = mcfg.experts_per_token * (2 * mcfg.moe_intermediate_size + d) + 2 * shared
     kept = {"none": layers * named + (layers - routed) * 2 * mlp + routed * copies_named,
-            "dots": layers * (named + 2 * d) + (layers - routed) * 2 * mlp, "full": 0}[remat]
-    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + (3 * mlp if routed < layers else 0)
+            "dots": layers * (named + 2 * d) + (layers - routed) * 2 * mlp + routed * 2 * shared, "full": 0}[remat]
+    layer_tensors = 4 * d + 2 * q_dim + 2 * kv_dim + max(3 * mlp if routed < layers else 0, 3 * shared)
     saved = tokens * (layers * (d + own_vjp) + kept) * compute_bytes
     working = tokens * layer_tensors * compute_bytes * 2
     if moe:  # the running layer's token copies (top-k per token) through its experts, and their gradients

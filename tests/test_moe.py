@@ -20,7 +20,7 @@ from conftest import assert_updates_close, hf_logits, save_tiny
 from families import check_greedy_matches_transformers, check_qlora_trains_and_adapter_loads, check_round_trip_is_bit_exact
 from flax import nnx
 from test_train_step import LOSS_RTOL, OPTIM, _batch, _jax_steps, _stack, _torch_steps
-from transformers import MixtralConfig, Qwen3MoeConfig
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 import jaxtune
 from jaxtune.checkpoint.hf import load_model
@@ -30,6 +30,7 @@ BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_he
             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 MIXTRAL = dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2)
 QWEN3 = dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3)
+QWEN2 = dict(QWEN3, shared_expert_intermediate_size=48)  # Qwen2-MoE: plus a gated shared expert
 # A Qwen3-MoE whose middle layer is dense (routed, dense, routed: both stacks sliced into runs), and one
 # with decoder_sparse_step=2 (dense, routed, dense, routed: one scan over the repeated pair)
 QWEN3_MIXED = dict(QWEN3, num_hidden_layers=3, mlp_only_layers=[1])
@@ -43,6 +44,10 @@ CASES = {
     # dense layers (a Qwen3 MLP of intermediate_size) stacked apart: runs of routed and dense layers
     "qwen3moe-dense-layers": (Qwen3MoeConfig, dict(QWEN3, num_hidden_layers=4, mlp_only_layers=[0, 2, 3])),
     "qwen3moe-sparse-step-2": (Qwen3MoeConfig, QWEN3_STEP2),
+    "qwen2moe": (Qwen2MoeConfig, QWEN2),
+    "qwen2moe-dense-window-normalized": (Qwen2MoeConfig, dict(QWEN2, num_hidden_layers=4, mlp_only_layers=[2],
+                                                              use_sliding_window=True, sliding_window=5,
+                                                              max_window_layers=2, norm_topk_prob=True)),
 }
 
 
@@ -58,6 +63,11 @@ def mixtral_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3moe_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("qwen3moe"), _config(Qwen3MoeConfig, **QWEN3), "qwen3moe")
+
+
+@pytest.fixture(scope="module")
+def qwen2moe_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen2moe"), _config(Qwen2MoeConfig, **QWEN2), "qwen2moe")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,7 @@ def test_aux_loss_equals_transformers_with_padding(mixtral_dir):
 
 
 # Qwen3-MoE's routed layers run in both mixed models
-@pytest.mark.parametrize("family", ["mixtral", "qwen3moe_mixed", "qwen3moe_step2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe_mixed", "qwen3moe_step2", "qwen2moe"])
 def test_full_finetuning_steps_with_aux_loss_match_transformers(tmp_path, family):
     """Two full fine-tuning steps with output_router_logits (the aux loss weighs 0.3 here, so a missing
     or wrong aux gradient moves the router and experts visibly) against transformers + torch AdamW:
@@ -172,7 +182,8 @@ def test_full_finetuning_steps_with_aux_loss_match_transformers(tmp_path, family
     from transformers import AutoModelForCausalLM
 
     kind, keys = {"mixtral": (MixtralConfig, MIXTRAL), "qwen3moe": (Qwen3MoeConfig, QWEN3),
-                  "qwen3moe_mixed": (Qwen3MoeConfig, QWEN3_MIXED), "qwen3moe_step2": (Qwen3MoeConfig, QWEN3_STEP2)}[family]
+                  "qwen3moe_mixed": (Qwen3MoeConfig, QWEN3_MIXED), "qwen3moe_step2": (Qwen3MoeConfig, QWEN3_STEP2),
+                  "qwen2moe": (Qwen2MoeConfig, QWEN2)}[family]
     path = save_tiny(tmp_path, _config(kind, **keys, output_router_logits=True, router_aux_loss_coef=0.3), family)
     model = load_model(path)
     assert model.cfg.router_aux_loss_coef == 0.3
@@ -199,7 +210,10 @@ def test_full_finetuning_steps_with_aux_loss_match_transformers(tmp_path, family
             ours_now[prefix + "mlp.gate.weight"] = kernel(mod.mlp.gate)
             ours_now[prefix + "mlp.experts.gate_up_proj"] = kernel(mod.mlp.experts.gate_up_proj)
             ours_now[prefix + "mlp.experts.down_proj"] = kernel(mod.mlp.experts.down_proj)
-    assert len(ours_now) == {"qwen3moe_mixed": 10, "qwen3moe_step2": 12}.get(family, 8)
+            if family == "qwen2moe":  # the shared expert and its gate
+                ours_now[prefix + "mlp.shared_expert.up_proj.weight"] = kernel(mod.mlp.shared_expert.up_proj)
+                ours_now[prefix + "mlp.shared_expert_gate.weight"] = kernel(mod.mlp.shared_expert_gate)
+    assert len(ours_now) == {"qwen3moe_mixed": 10, "qwen3moe_step2": 12, "qwen2moe": 12}.get(family, 8)
     names = list(ours_now)
     assert_updates_close([before[n] for n in names], [ours_now[n] for n in names], [after[n] for n in names],
                          lr=OPTIM["learning_rate"], steps=2, names=names)
@@ -225,7 +239,7 @@ def test_router_loss_and_load_are_logged(mixtral_dir):
     assert float(metrics["aux_loss"]) > 0.9 and float(metrics["expert_load_min"]) <= 1.0 <= float(metrics["expert_load_max"])
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3moe", "qwen3moe_mixed"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe", "qwen3moe_mixed", "qwen2moe"])
 def test_round_trip_is_bit_exact(tmp_path, family, request):
     check_round_trip_is_bit_exact(request.getfixturevalue(f"{family}_dir"), tmp_path / "out")
 
@@ -260,6 +274,8 @@ LORA_CASES = {
     "mixtral": (("q_proj", "v_proj"), ("mlp.experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight")),
     # a dense middle layer (its attention adapted, the experts of the others)
     "qwen3moe_mixed": (("q_proj", "v_proj"), ("mlp.experts.gate_up_proj",)),
+    # a shared expert beside the routed ones (no adapter: PEFT reads its names as the experts')
+    "qwen2moe": (("k_proj", "o_proj"), ("mlp.experts.down_proj", "mlp.gate.weight")),
 }
 
 
@@ -289,6 +305,9 @@ def test_lora_on_experts_and_router_matches_peft(tmp_path, family, request):
         assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in start  # gate_up_proj, inner
         assert start["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].shape == (64, 4 * 6)  # down_proj
         assert start["base_model.model.model.layers.0.mlp.gate.lora_B.weight"].shape == (6, 4)
+    elif family == "qwen2moe":
+        assert "base_model.model.model.layers.0.mlp.gate.lora_A.weight" in start
+        assert not any("shared_expert" in k for k in start)
     else:
         assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in start  # the dense layer
         assert "base_model.model.model.layers.2.mlp.experts.lora_A.weight" in start
@@ -469,12 +488,12 @@ def test_plan_counts_experts_per_device_and_the_dispatch(mixtral_dir):
 
 # float experts under QLoRA run the same LoRA path as plain LoRA (test_lora_on_experts_and_router_matches_peft)
 @pytest.mark.parametrize("quantize_experts, family", [pytest.param(False, "qwen3moe", marks=pytest.mark.slow),
-                                                       (True, "qwen3moe_mixed")])
+                                                       (True, "qwen3moe_mixed"), (False, "qwen2moe")])
 def test_qlora_with_expert_adapters_trains_and_loads_in_peft(tmp_path, quantize_experts, family, request):
-    """QLoRA through `jaxtune.train` on Qwen3-MoE with adapters on the attention and the experts: NF4
-    attention (the experts in float, as bitsandbytes leaves them, or NF4 too with quantize_moe_experts;
-    a dense layer's MLP NF4 as every nn.Linear); the loss falls and the PEFT adapter on the quantized
-    base equals the merged export."""
+    """QLoRA through `jaxtune.train` on Qwen3-MoE / Qwen2-MoE with adapters on the attention and the
+    experts: NF4 attention (the experts in float, as bitsandbytes leaves them, or NF4 too with
+    quantize_moe_experts; a dense layer's MLP and Qwen2-MoE's shared expert and its gate NF4 as every
+    nn.Linear); the loss falls and the PEFT adapter on the quantized base equals the merged export."""
     model_dir = request.getfixturevalue(f"{family}_dir")
     check_qlora_trains_and_adapter_loads(
         model_dir, tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj"], quantize_moe_experts=quantize_experts,
@@ -486,3 +505,4 @@ def test_qlora_with_expert_adapters_trains_and_loads_in_peft(tmp_path, quantize_
     assert (("layers", "mlp", "experts", "down_proj", "kernel") in paths) == quantize_experts
     assert ("layers", "mlp", "gate", "kernel") not in paths
     assert ("dense_layers", "mlp", "down_proj", "kernel") in paths
+    assert (("layers", "mlp", "shared_expert_gate", "kernel") in paths) == (family == "qwen2moe")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import gemma, gpt_neox, llama, mixtral, phi3, qwen3_moe
+from jaxtune.models import gemma, gpt_neox, llama, mixtral, phi3, qwen2_moe, qwen3_moe
 
 # Each family module gives: ARCHITECTURES, config_from_hf, CausalLM (a models.stack.DecoderLM),
 # hf_tensor_name and LORA_TARGETS, and hf_tensor_parts where a parameter is several checkpoint tensors
 # (tensor_parts). Adding a family is its module and its line here.
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox, phi3, gemma, mixtral, qwen3_moe)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox, phi3, gemma, mixtral, qwen3_moe, qwen2_moe)
 _FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))

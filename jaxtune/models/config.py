@@ -99,6 +99,8 @@ class ModelConfig:
     # A mixture of experts' layers whose MLP is dense (of `intermediate_size`; Qwen3-MoE's mlp_only_layers /
     # decoder_sparse_step): stacked apart, as `dense_layers` (see stack_layers).
     dense_layers: tuple[int, ...] = ()
+    # Qwen2-MoE's shared expert (a SwiGLU MLP every token goes through, gated by a sigmoid): its size, 0 for none
+    shared_expert_intermediate_size: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

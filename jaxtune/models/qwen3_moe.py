@@ -31,9 +31,21 @@ hf_tensor_name = mixtral.hf_tensor_name
 
 
 def hf_tensor_parts(cfg: ModelConfig, ppath: tuple[str, ...], layer: int | None):
-    if ppath[:2] == ("layers", "mlp"):
+    if ppath[:3] in (("layers", "mlp", "experts"), ("layers", "mlp", "gate")):
         return mixtral.expert_parts(ppath, layer, cfg, f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
     return [(hf_tensor_name(ppath, layer), ())]
+
+
+def dense_layers(hf: Any, dense_architecture: str) -> tuple[int, ...]:
+    """The layers transformers' Qwen2-MoE / Qwen3-MoE decoder layer builds dense: those listed in
+    mlp_only_layers and those off the sparse step (routed where (i + 1) % decoder_sparse_step == 0)."""
+    n = hf.num_hidden_layers
+    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+    dense = tuple(sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step}))
+    if len(dense) == n:
+        raise ModelLoadError(f"every layer is dense (mlp_only_layers / decoder_sparse_step={step}): no expert is "
+                             f"ever used; load it as a {dense_architecture}")
+    return dense
 
 
 def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
@@ -41,12 +53,7 @@ def config_from_hf(hf: Any, architecture: str, source_json: str) -> ModelConfig:
     if act not in ACTIVATIONS:
         raise ModelLoadError(f"hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     n = hf.num_hidden_layers
-    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    # transformers' Qwen3MoeDecoderLayer: sparse unless listed in mlp_only_layers or off the sparse step
-    dense = tuple(sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step}))
-    if len(dense) == n:
-        raise ModelLoadError(f"every layer is dense (mlp_only_layers / decoder_sparse_step={step}): no expert is "
-                             "ever used; load it as a Qwen3ForCausalLM")
+    dense = dense_layers(hf, "Qwen3ForCausalLM")
     window = getattr(hf, "sliding_window", None)
     bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(

@@ -60,6 +60,7 @@ def projection_paths(architecture: str, experts: bool = False) -> set[tuple[str,
     # a mixture of experts' dense layers (stacked apart when the model has them)
     paths |= {("dense_layers", *parent.split("."), name, "kernel")
               for name, parent in getattr(family, "DENSE_LINEARS", {}).items()}
+    paths |= {("layers", *path.split("."), "kernel") for path in getattr(family, "OTHER_LINEARS", ())}
     if experts:
         paths |= {("layers", *path.split("."), "kernel") for path in getattr(family, "EXPERTS", ())}
     return paths
