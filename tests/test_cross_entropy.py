@@ -128,6 +128,28 @@ def test_default_chunk_size():
     assert default_chunk_size(49152, "tpu") == 2048
 
 
+def test_default_chunks_split_the_tokens_evenly(monkeypatch):
+    """The fewest chunks of at most default_chunk_size() tokens, evenly sized (to 8): a GRPO micro-batch
+    of 576 tokens at SmolLM2's 49k vocabulary is 3 x 192 (not 3 x 256, a third of them padding); an
+    explicit chunk_size is kept. The loss and gradients equal the plain computation's."""
+    from jaxtune.kernels import cross_entropy
+
+    assert cross_entropy.chunk_rows(576, 49152) == 192 and cross_entropy.chunk_rows(2048, 49152) == 256
+    assert cross_entropy.chunk_rows(1025, 49152) == 208 and cross_entropy.chunk_rows(576, 49152, 16) == 16
+    hidden, head, targets, weights, _ = _inputs()
+    monkeypatch.setitem(cross_entropy.CHUNK_ELEMENTS, "cpu", 16 * V)  # 16 tokens per chunk at most
+    assert cross_entropy.chunk_rows(hidden.shape[0], V) == 16  # 45 tokens: 3 chunks of 15, rounded to 16
+
+    def chunked(h, w):
+        return linear_cross_entropy(h, w, targets, weights)
+
+    np.testing.assert_allclose(float(chunked(hidden, head)), float(_plain_loss(hidden, head, targets, weights, None)),
+                               rtol=1e-5)
+    got = jax.grad(chunked, argnums=(0, 1))(hidden, head)
+    want = jax.grad(lambda h, w: _plain_loss(h, w, targets, weights, None), argnums=(0, 1))(hidden, head)
+    assert _max_diff(got, want) < 1e-5
+
+
 def test_next_token_targets_respect_segments_and_ignored_labels():
     labels = jnp.array([[-100, 2, 3, 4, 0, -100]])
     segments = jnp.array([[1, 1, 1, 2, 2, 0]])
