@@ -16,6 +16,7 @@ real micro-batches (the rest are all-padding, weight 0). `max_steps` overrides t
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import signal
@@ -105,10 +106,13 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
     host memory to the devices for the update (it goes back by `state_shardings`)."""
 
     def micro_loss(trainable, frozen, micro, key, ref, totals, micro_batches):
+        """This micro-batch's share of the step's loss: its loss sum over the whole batch's weight, so
+        that the gradients come out normalized (no division pass over a second gradient-sized buffer)."""
         model = nnx.merge(graphdef, trainable, frozen)
         model.collect_router_stats = True
         loss, sums = objective.loss(model, micro, key if use_rng else None, ref, totals)
-        return with_router_loss(model, loss, sums, totals["weight"] / micro_batches)
+        loss, sums = with_router_loss(model, loss, sums, totals["weight"] / micro_batches)
+        return loss / jnp.maximum(totals["weight"], 1.0), sums
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -138,8 +142,6 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
             (loss, metrics), grads = grads_of(first, keys[0])
         else:
             (grads, loss, metrics), _ = jax.lax.scan(body, zeros(), (batch, keys))
-        weight = jnp.maximum(totals["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grads)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         if opt_device_shardings is not None:
@@ -148,7 +150,7 @@ def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         out = normalize(objective, metrics, totals)
-        out.update(loss=loss / weight, grad_norm=grad_norm, lr=schedule(step_index), weight=totals["weight"])
+        out.update(loss=loss, grad_norm=grad_norm, lr=schedule(step_index), weight=totals["weight"])
         return trainable, opt_state, out
 
     out_shardings = None if state_shardings is None else (*state_shardings, None)
@@ -188,6 +190,16 @@ def normalize(objective, sums: dict, totals: dict) -> dict:
         total = totals[objective.denominator(key)]
         out[key] = jnp.where(total > 0, value / jnp.maximum(total, 1.0), jnp.nan)
     return out
+
+
+def release_freed_host_memory() -> None:
+    """Return the host heap's free pages to the OS (glibc's malloc_trim). XLA's compiler frees hundreds
+    of MB that glibc keeps in its arenas: measured on the MoE benchmark's full fine-tuning step, peak
+    RSS 2.29 GB without this between compiling and running the step, 1.95 GB with it. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def make_eval_step(graphdef, objective, *, reference: bool = False):
@@ -266,6 +278,7 @@ class Trainer:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.rng = jax.random.wrap_key_data(M.place(jax.random.key_data(jax.random.key(cfg.seed)), replicated))
         use_rng = objective.uses_dropout and spec is not None and spec.dropout > 0
+        self._compiled: list = []  # the batch shapes train_step has been compiled for
         self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng,
                                           reference=self.reference, **placed.step_shardings)
         self.eval_step = make_eval_step(self.graphdef, objective, reference=self.reference)
@@ -448,9 +461,15 @@ class Trainer:
     def _run_step(self, stacked) -> dict:
         traces, started = self.train_step.traces, time.perf_counter()
         with jax.set_mesh(self.mesh):
-            self.trainable, self.opt_state, out = self.train_step(
-                self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng, np.int32(self.step),
-                self.ref_params)
+            args = (self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng, np.int32(self.step),
+                    self.ref_params)
+            shapes = jax.tree.map(lambda x: (x.shape, x.dtype), args[3])
+            if shapes not in self._compiled:  # a new batch shape: compile first, then hand the compiler's
+                self.train_step.lower(*args).compile()  # freed memory back before the step allocates its own
+                self._compiled.append(shapes)
+                release_freed_host_memory()
+            self.trainable, self.opt_state, out = self.train_step(*args)
+            del args
         dispatched = time.perf_counter()
         record = {k: float(v) for k, v in jax.device_get(out).items()}
         if self.train_step.traces != traces:  # a new batch shape: the call returned after tracing and compiling

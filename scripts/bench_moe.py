@@ -30,6 +30,8 @@ token's top-k experts, not all of them):
     ATTN    = 12 * layers * heads * head_dim * seq * T
 
 A target above that ceiling cannot be met by any implementation on XLA's matmuls on that machine.
+The floor line is tighter: the step's own matmuls (experts perfectly balanced), each run alone with
+XLA's kernel, plus the AdamW update alone (see step_dots).
 
     .venv/bin/python scripts/bench_moe.py [--batch 4] [--seq 256] [--steps 4] [--only all|lora|full]
 """
@@ -44,7 +46,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import RESULT_TAG, peak_rss_mb, spawn_worker, token_batch, worker_matmul_jax  # noqa: E402
+from bench_train import (RESULT_TAG, adamw_seconds, dots_seconds, peak_rss_mb, spawn_worker,  # noqa: E402
+                         token_batch, worker_matmul_jax)
 
 SEED = 0
 LR = 1e-4
@@ -88,7 +91,7 @@ def worker_jaxtune(mode: str, args) -> dict:
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
-    from jaxtune.trainer import make_train_step
+    from jaxtune.trainer import make_train_step, release_freed_host_memory
 
     model = load_model(args.model, dtype="float32", param_dtype="float32", remat="none")
     spec = None
@@ -109,6 +112,9 @@ def worker_jaxtune(mode: str, args) -> dict:
 
     def run(i):
         nonlocal trainable, opt_state
+        if i == 0:  # as jaxtune's Trainer runs a new batch shape: compiled, the compiler's freed memory
+            step.lower(trainable, frozen, opt_state, batch, rng, jnp.int32(0)).compile()
+            release_freed_host_memory()  # returned to the OS, then run
         trainable, opt_state, out = step(trainable, frozen, opt_state, batch, rng, jnp.int32(i))
         jax.block_until_ready((trainable, opt_state, out))
         return float(out["loss"])
@@ -205,6 +211,63 @@ def step_flops(mode: str, batch: int, seq: int) -> float:
     return 4 * n * t + 6 * lora * t + attn
 
 
+def step_dots(mode: str, batch: int, seq: int) -> list[tuple[str, tuple, tuple, int]]:
+    """Every matmul of one training step in its own shapes, with the experts' load perfectly balanced
+    (each expert batch x seq x top-k / E rows, one batched product over the experts): per layer each
+    attention projection's and the router's forward and input gradient, each expert projection's
+    (gate_up, down) forward and input gradient as batched products, then for full fine-tuning their
+    weight gradients, for LoRA the adapters' six products (batched over the experts on experts);
+    attention's QK^T / PV and their backward products over the seq x seq square; the head's forward,
+    input gradient (and weight gradient for full fine-tuning). As scripts/bench_train.py's step_dots."""
+    s = SHAPE
+    d, inter, layers, k, e = (s["hidden_size"], s["moe_intermediate_size"], s["num_hidden_layers"],
+                              s["num_experts_per_tok"], s["num_experts"])
+    q, kv, heads, v = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"], \
+        s["num_attention_heads"], s["vocab_size"]
+    t, r, rows = batch * seq, LORA_R, batch * seq * k // e
+    dots = []
+    for g, (i, o), lora in [((), (d, q), True), ((), (d, kv), True), ((), (d, kv), True), ((), (q, d), True),
+                            ((), (d, e), False), ((e,), (d, 2 * inter), True), ((e,), (inter, d), True)]:
+        n = rows if g else t  # an expert's rows, or every token
+        b = "e" if g else ""
+
+        def dot(spec, lhs, rhs, g=g, b=b):
+            return (spec.replace("@", b), (*g, *lhs), (*g, *rhs), layers)
+        dots += [dot("@ti,@io->@to", (n, i), (i, o)), dot("@to,@io->@ti", (n, o), (i, o))]
+        if mode == "full":
+            dots.append(dot("@ti,@to->@io", (n, i), (n, o)))
+        elif lora:
+            dots += [dot("@ti,@ir->@tr", (n, i), (i, r)), dot("@tr,@ro->@to", (n, r), (r, o)),
+                     dot("@tr,@to->@ro", (n, r), (n, o)), dot("@to,@ro->@tr", (n, o), (r, o)),
+                     dot("@ti,@tr->@ir", (n, i), (n, r)), dot("@tr,@ir->@ti", (n, r), (i, r))]
+    bh, hd = batch * heads, s["head_dim"]
+    dots += [("bqh,bkh->bqk", (bh, seq, hd), (bh, seq, hd), 2 * layers), ("bqk,bkh->bqh", (bh, seq, seq), (bh, seq, hd),
+                                                                         2 * layers),
+             ("bqk,bqh->bkh", (bh, seq, seq), (bh, seq, hd), 2 * layers),
+             ("td,dv->tv", (t, d), (d, v), 1), ("tv,dv->td", (t, v), (d, v), 1)]
+    if mode == "full":
+        dots.append(("td,tv->dv", (t, d), (t, v), 1))
+    return dots
+
+
+def trained_params(mode: str) -> int:
+    s = SHAPE
+    d, inter, layers, e = s["hidden_size"], s["moe_intermediate_size"], s["num_hidden_layers"], s["num_experts"]
+    q, kv = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+    attention = [(d, q), (d, kv), (d, kv), (q, d)]
+    if mode == "lora":
+        return layers * LORA_R * (sum(i + o for i, o in attention) + e * ((d + 2 * inter) + (inter + d)))
+    return layers * (sum(i * o for i, o in attention) + d * e + e * 3 * d * inter + 2 * d) + 2 * d * s["vocab_size"] + d
+
+
+def worker_floor(mode: str, args) -> dict:
+    """The step's matmuls alone (balanced experts) and its AdamW update alone: no implementation built
+    on XLA's kernels runs the step faster than their sum."""
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    return {"dots_s": dots_seconds(step_dots(mode, args.batch, args.seq), args.matmul_reps),
+            "optimizer_s": adamw_seconds(trained_params(mode), args.matmul_reps)}
+
+
 def run_worker(name: str, args) -> dict:
     return spawn_worker(__file__, name, ["--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch),
                                          "--steps", str(args.steps)])
@@ -223,7 +286,8 @@ def main() -> None:
         kind, _, mode = args.worker.partition("-")
         args.matmul_size, args.matmul_reps = 2048, 5
         result = {"jaxtune": lambda: worker_jaxtune(mode, args), "hf": lambda: worker_hf(mode, args),
-                  "grouped": lambda: worker_grouped(args), "matmul": lambda: worker_matmul_jax(args)}[kind]()
+                  "grouped": lambda: worker_grouped(args), "matmul": lambda: worker_matmul_jax(args),
+                  "floor": lambda: worker_floor(mode, args)}[kind]()
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +315,11 @@ def main() -> None:
             print(f"{mode:6} model FLOPs {flops / 1e9:.1f} G/step: jaxtune at {flops / ours['steady_step_s'] / peak:.0%}, "
                   f"transformers at {flops / hf['steady_step_s'] / peak:.0%} of JAX's {peak / 1e9:.0f} GFLOP/s matmul "
                   f"peak; ceiling {ceiling:.2f}x transformers' tokens/s")
+            floor = run_worker(f"floor-{mode}", args)
+            floor_s = floor["dots_s"] + floor["optimizer_s"]
+            print(f"{mode:6} floor: the step's matmuls alone {floor['dots_s']:.3f} s + AdamW {floor['optimizer_s']:.3f} s "
+                  f"= {floor_s:.3f} s/step ({floor_s / ours['steady_step_s']:.0%} of jaxtune's step): at most "
+                  f"{hf['steady_step_s'] / floor_s:.2f}x transformers' tokens/s on XLA's kernels")
         g = run_worker("grouped-", args)
         print(f"grouped matmul, one layer's experts fwd+bwd on {tokens * SHAPE['num_experts_per_tok']} routed rows: "
               f"batched {g['batched'] * 1e3:.1f} ms, ragged_dot {g['ragged'] * 1e3:.1f} ms, every expert on every row "

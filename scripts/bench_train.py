@@ -276,41 +276,52 @@ def step_dots(config: dict, batch: int, seq: int, mode: str) -> list[tuple[str, 
 
 
 def worker_dots_jax(mode: str, args) -> dict:
+    return {"dots_s": dots_seconds(step_dots(read_model_config(args.model), args.batch, args.seq, mode),
+                                   args.matmul_reps),
+            "optimizer_s": optimizer_update_seconds(read_model_config(args.model), mode, args.matmul_reps)}
+
+
+def dots_seconds(dots: list[tuple[str, tuple, tuple, int]], reps: int) -> float:
     """Seconds of one step's matmuls run alone: each distinct product jitted by itself (XLA's own
-    kernel, both cores), best of --matmul-reps, times how often the step runs it."""
+    kernel, both cores), best of `reps`, times how often the step runs it."""
     import jax
     import jax.numpy as jnp
 
     total, key = 0.0, jax.random.key(SEED)
-    for subscripts, lhs, rhs, count in step_dots(read_model_config(args.model), args.batch, args.seq, mode):
+    for subscripts, lhs, rhs, count in dots:
         ka, kb = jax.random.split(key)
         a, b = jax.random.normal(ka, lhs, jnp.float32), jax.random.normal(kb, rhs, jnp.float32)
         dot = jax.jit(lambda a, b, s=subscripts: jnp.einsum(s, a, b))
         dot(a, b).block_until_ready()
         times = []
-        for _ in range(args.matmul_reps):
+        for _ in range(reps):
             t0 = time.perf_counter()
             dot(a, b).block_until_ready()
             times.append(time.perf_counter() - t0)
         total += count * min(times)
-    return {"dots_s": total, "optimizer_s": optimizer_update_seconds(read_model_config(args.model), mode,
-                                                                     args.matmul_reps)}
+    return total
 
 
 def optimizer_update_seconds(config: dict, mode: str, reps: int) -> float:
     """Best time of the step's AdamW update (gradient clipping included) over as many fp32
     parameters as the mode trains (one flat array: the update is elementwise)."""
+    d, layers, _, _, shapes = model_dims(config)
+    if mode == "full":
+        count = layers * (sum(i * o for i, o in shapes) + 2 * d) + d * config["vocab_size"] + d
+    else:
+        count = lora_params(config)
+    return adamw_seconds(count, reps)
+
+
+def adamw_seconds(count: int, reps: int) -> float:
+    """Best time of an AdamW update (gradient clipping included) of `count` fp32 parameters (one flat
+    array: the update is elementwise)."""
     import jax
     import jax.numpy as jnp
 
     from jaxtune.config import build_config
     from jaxtune.optim import build_optimizer
 
-    d, layers, _, _, shapes = model_dims(config)
-    if mode == "full":
-        count = layers * (sum(i * o for i, o in shapes) + 2 * d) + d * config["vocab_size"] + d
-    else:
-        count = lora_params(config)
     cfg = build_config({"optimizer": "adamw_torch", "learning_rate": LR, "lr_scheduler": "constant",
                         "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM})
     optimizer, _ = build_optimizer(cfg, 10)
