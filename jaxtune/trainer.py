@@ -5,8 +5,9 @@ step, reference params) jitted once. A batch holds `gradient_accumulation_steps`
 stacked on a leading axis, laid out as the objective declares (jaxtune.objectives.base). The
 objective's `totals` of the whole accumulated batch come first (its unit count `weight`: trained
 tokens for SFT, pairs for DPO, and any other denominator); a `lax.scan` then runs the micro-batches,
-summing each one's loss *sum* and its gradient, and everything is divided by the totals once, so the
-loss is normalized by the units of the whole accumulated batch (accumulating 4 x 1 is the same step
+summing each one's loss sum over the whole batch's weight (so the gradients come out normalized) and
+its metric sums, which are divided by the totals once: the loss is normalized by the units of the whole
+accumulated batch (accumulating 4 x 1 is the same step
 as one batch of 4). An objective with a reference model gets the reference's log-probs from the
 same step: the policy's state with adapters off and `ref_params` overlaid (objectives/reference.py).
 
@@ -164,8 +165,8 @@ def with_router_loss(model, loss, sums: dict, share) -> tuple[jax.Array, dict]:
     load_balancing_loss_func of the policy's forward pass, per micro-batch) added to the objective's
     loss, and logged: `aux_loss`, each layer's most loaded expert (`expert_load_max/layer_i`: its share
     of the routed slots times E, 1 when balanced) and the overall `expert_load_max` / `expert_load_min`.
-    `share` = the batch's weight over the micro-batches, so that after the trainer divides by the
-    weight each is the mean over micro-batches. A dense model's loss and sums pass unchanged."""
+    `share` = the batch's weight over the micro-batches, so that divided by the weight (the loss in
+    micro_loss, the metrics in `normalize`) each is the mean over micro-batches. A dense model's loss and sums pass unchanged."""
     terms = router_terms(model)
     if terms is None:
         return loss, sums

@@ -252,6 +252,9 @@ def test_greedy_matches_transformers_generate(family, request):
 def test_configs_that_cannot_be_honoured_are_errors(tmp_path):
     with pytest.raises(jaxtune.errors.ModelLoadError, match=r"every layer is dense.*Qwen3ForCausalLM"):
         load_model(save_tiny(tmp_path / "a", _config(Qwen3MoeConfig, **QWEN3, mlp_only_layers=[0, 1]), "a"))
+    from jaxtune.models import qwen3_moe  # an mlp_only_layers index past the layers names none (as transformers)
+
+    assert qwen3_moe.dense_layers(_config(Qwen3MoeConfig, **QWEN3, mlp_only_layers=[0, 5]), "Qwen3") == (0,)
     with pytest.raises(jaxtune.errors.ModelLoadError, match="router_jitter_noise"):
         load_model(save_tiny(tmp_path / "b", _config(MixtralConfig, **MIXTRAL, router_jitter_noise=0.1), "b"))
 

@@ -59,9 +59,9 @@ def chunk_rows(tokens: int, vocab_size: int, chunk_size: int | None = None) -> i
     3 x 192, not 3 x 256 with 192 rows of padding through the head."""
     if chunk_size:
         return min(chunk_size, tokens)
-    limit = min(default_chunk_size(vocab_size), tokens)
-    chunks = -(-tokens // limit)
-    return min(limit, -(-(-(-tokens // chunks)) // 8) * 8)
+    limit = max(1, min(default_chunk_size(vocab_size), tokens))
+    chunks = max(1, -(-tokens // limit))
+    return max(1, min(limit, -(-(-(-tokens // chunks)) // 8) * 8))
 
 
 def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:

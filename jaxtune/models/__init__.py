@@ -9,7 +9,9 @@ from jaxtune.models import gemma, gpt_neox, llama, mixtral, phi3, qwen2_moe, qwe
 
 # Each family module gives: ARCHITECTURES, config_from_hf, CausalLM (a models.stack.DecoderLM),
 # hf_tensor_name and LORA_TARGETS, and hf_tensor_parts where a parameter is several checkpoint tensors
-# (tensor_parts). Adding a family is its module and its line here.
+# (tensor_parts). A mixture of experts adds EXPERTS and LORA_PARAMETERS, and where some layers are dense
+# (CausalLM.DENSE_BLOCK) DENSE_LINEARS and DENSE_LORA_TARGETS; OTHER_LINEARS lists a routed layer's other
+# nn.Linear projections (QLoRA quantizes them). Adding a family is its module and its line here.
 FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gpt_neox, phi3, gemma, mixtral, qwen3_moe, qwen2_moe)
 _FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 

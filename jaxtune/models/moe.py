@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers shared by the MoE families (Mixtral, Qwen3-MoE).
+"""Mixture-of-experts layers shared by the MoE families (Mixtral, Qwen3-MoE, Qwen2-MoE).
 
     probs = softmax(router(x))                          float32, [tokens, E]
     top-k experts per token, weights = their probs (renormalized to sum 1 where the family says)
@@ -68,7 +68,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implement
         raise ValueError(f"grouped matmul {implementation!r} unknown; choose one of {', '.join(GROUPED_MATMULS)}")
     m, g = x.shape[0], w.shape[0]
     capacity = int(capacity or default_capacity(m, g))
-    tile = min(int(tile or min(OVERFLOW_TILE, capacity)), m)
+    tile = max(1, min(int(tile or min(OVERFLOW_TILE, capacity)), m))
     layout = _batched_layout(sizes, m, g, capacity, tile)
     return _batched(x, w.astype(x.dtype), adapters, layout, capacity, tile)
 
@@ -303,7 +303,7 @@ class SparseMoE(nnx.Module):
         this layer's, or a shard of them under expert parallelism). The two
         matmul outputs are kept for the backward pass (named as the dense MLP's: see
         stack.SAVED_ACTIVATIONS), so it recomputes only the activation."""
-        experts = experts or self.experts
+        experts = self.experts if experts is None else experts
         fused = checkpoint_name(experts.gate_up_proj.grouped(rows, sizes, implementation, capacity), "mlp_up")
         gate, up = jnp.split(fused, 2, axis=-1)
         out = experts.down_proj.grouped(self.act(gate) * up, sizes, implementation, capacity)

@@ -41,7 +41,8 @@ def dense_layers(hf: Any, dense_architecture: str) -> tuple[int, ...]:
     mlp_only_layers and those off the sparse step (routed where (i + 1) % decoder_sparse_step == 0)."""
     n = hf.num_hidden_layers
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    dense = tuple(sorted(set(getattr(hf, "mlp_only_layers", None) or []) | {i for i in range(n) if (i + 1) % step}))
+    listed = {i for i in getattr(hf, "mlp_only_layers", None) or [] if 0 <= i < n}  # others name no layer
+    dense = tuple(sorted(listed | {i for i in range(n) if (i + 1) % step}))
     if len(dense) == n:
         raise ModelLoadError(f"every layer is dense (mlp_only_layers / decoder_sparse_step={step}): no expert is "
                              f"ever used; load it as a {dense_architecture}")

@@ -15,9 +15,9 @@ An objective owns its batch. It declares
 - `reference_logps(model, batch)` when `needs_reference`: what it needs of the reference model
   (run with the reference's weights, without gradients), or precomputed and carried by the batch.
 
-The trainer computes `totals` of the whole accumulated batch first, sums the micro-batches' loss_sum,
-gradients and metric sums, and divides once: loss and gradients by totals["weight"], each metric by
-totals[its denominator] (default "weight"). Since each term arrives scaled by weight / its own
+The trainer computes `totals` of the whole accumulated batch first, sums the micro-batches' loss_sum
+over totals["weight"] (so the gradients come out normalized) and their metric sums, each metric then
+divided by totals[its denominator] (default "weight"). Since each term arrives scaled by weight / its own
 denominator, the loss is exactly sum over terms of term_sum / totals[term's denominator]: a loss that
 mixes a per-token mean with a per-pair mean (ORPO: NLL per token, odds ratio per pair) is the mean
 its formula says, whatever the accumulation. `weight` is what `unit` names in the logs. Called with

@@ -38,7 +38,7 @@ from jaxtune.peft.qlora import NF4ExpertLinear, NF4Linear
 def stack_targets(model) -> dict[str, dict[str, str]]:
     """Each layer stack's projections that take adapters (PEFT module name -> where it lives in a layer):
     the family's LORA_TARGETS in `layers`; a mixture of experts' dense layers (`dense_layers`) have the
-    family's DENSE_LORA_TARGETS (their MLP's projections too)."""
+    family's DENSE_LORA_TARGETS (Qwen2/Qwen3-MoE: the attention's, see models/qwen3_moe.py)."""
     family = family_for(model.cfg.architecture)
     targets = {"layers": family.LORA_TARGETS}
     if model.cfg.dense_layers:

@@ -51,8 +51,9 @@ class NF4Linear(Linear):
 
 
 def projection_paths(architecture: str, experts: bool = False) -> set[tuple[str, ...]]:
-    """The parameter paths of a family's projections (its LORA_TARGETS): what bitsandbytes quantizes,
-    the nn.Linear modules of the layers. A mixture of experts' router and stacked experts are not
+    """The parameter paths of a family's projections (its LORA_TARGETS, a MoE's dense layers'
+    DENSE_LINEARS and its routed layers' OTHER_LINEARS, such as Qwen2-MoE's shared expert): what
+    bitsandbytes quantizes, the nn.Linear modules of the layers. A mixture of experts' router and stacked experts are not
     nn.Linear in transformers, so they stay in float as bitsandbytes leaves them; with `experts`
     (Axolotl's quantize_moe_experts) the stacked experts are NF4 too."""
     family = family_for(architecture)
