@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import (RESULT_TAG, adamw_seconds, dots_seconds, peak_rss_mb, spawn_worker,  # noqa: E402
-                         token_batch, worker_matmul_jax)
+                         token_batch, training_state, worker_matmul_jax)
 
 SEED = 0
 LR = 1e-4
@@ -84,26 +84,14 @@ def worker_jaxtune(mode: str, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from jaxtune.checkpoint.hf import load_model
-    from jaxtune.config import build_config
     from jaxtune.objectives.sft import SFT
-    from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
     from jaxtune.trainer import make_train_step, release_freed_host_memory
 
-    model = load_model(args.model, dtype="float32", param_dtype="float32", remat="none")
-    spec = None
-    if mode == "lora":
-        spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=ATTENTION, parameters=EXPERT_PARAMETERS)
-        lora.add_lora(model, spec, jax.random.key(SEED))
-    graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
-    del model
-    cfg = build_config({"optimizer": "adamw_torch", "learning_rate": LR, "lr_scheduler": "constant",
-                        "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM})
-    optimizer, schedule = build_optimizer(cfg, args.steps + 1)
-    opt_state = optimizer.init(trainable)
+    spec = (lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=ATTENTION, parameters=EXPERT_PARAMETERS)
+            if mode == "lora" else None)
+    graphdef, trainable, frozen, optimizer, schedule, opt_state = training_state(args.model, spec, args.steps + 1)
     ids = token_batch(SHAPE["vocab_size"], args.batch, args.seq)
     batch = jax.device_put({"input_ids": ids[None], "labels": ids[None], "segment_ids": np.ones_like(ids)[None],
                             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape)[None].copy()})

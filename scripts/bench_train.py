@@ -101,28 +101,15 @@ def worker_jaxtune(mode: str, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from jaxtune.checkpoint.hf import load_model
-    from jaxtune.config import build_config
     from jaxtune.objectives.sft import SFT
-    from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
     from jaxtune.models.llama import LORA_TARGETS
     from jaxtune.trainer import make_train_step
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype="float32", param_dtype="float32", remat="none")
-    spec = None
-    if mode == "lora":
-        spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS))
-        lora.add_lora(model, spec, jax.random.key(SEED))
-    graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
-    del model
-    cfg = build_config({"optimizer": "adamw_torch", "learning_rate": LR, "lr_scheduler": "constant",
-                        "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM})
-    optimizer, schedule = build_optimizer(cfg, args.steps + 1)
-    opt_state = optimizer.init(trainable)
+    spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS)) if mode == "lora" else None
+    graphdef, trainable, frozen, optimizer, schedule, opt_state = training_state(args.model, spec, args.steps + 1)
     jax.block_until_ready((trainable, frozen, opt_state))
     load_s = time.perf_counter() - t0
     trainable_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable)))
@@ -194,6 +181,29 @@ def worker_hf(mode: str, args) -> dict:
     return {"load_s": load_s, "first_step_s": first_s, "steady_step_s": steady_s,
             "tokens_per_s": args.batch * args.seq / steady_s, "peak_rss_mb": peak_rss_mb(),
             "trainable_params": trainable_params, "first_loss": first_loss, "last_loss": last_loss}
+
+
+def training_state(model_path: str, spec, steps: int):
+    """A benchmark's fp32 model (LoRA adapters from `spec`, or None for full fine-tuning) split into
+    (graphdef, trainable, frozen) with AdamW as the benchmarks configure it: + (optimizer, schedule,
+    opt_state)."""
+    import jax
+    from flax import nnx
+
+    from jaxtune.checkpoint.hf import load_model
+    from jaxtune.config import build_config
+    from jaxtune.optim import build_optimizer
+    from jaxtune.peft import lora
+
+    model = load_model(model_path, dtype="float32", param_dtype="float32", remat="none")
+    if spec is not None:
+        lora.add_lora(model, spec, jax.random.key(SEED))
+    graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
+    del model
+    cfg = build_config({"optimizer": "adamw_torch", "learning_rate": LR, "lr_scheduler": "constant",
+                        "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM})
+    optimizer, schedule = build_optimizer(cfg, steps)
+    return graphdef, trainable, frozen, optimizer, schedule, optimizer.init(trainable)
 
 
 def worker_matmul_jax(args) -> dict:

@@ -34,6 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxtune.kernels.blockwise import tile_length
+
 # Elements of one chunk of float32 logits (tokens x vocab). On a CPU 2**24 floats = 64 MiB: chunks
 # of 256 tokens for a 49k vocabulary, 64 for 152k. A GPU or TPU gets 2**27 (512 MiB: 1024 tokens at
 # Llama 3's 128k): measured on an H200 (scripts/bench_gpu.py, Llama-3.2-1B shapes, 16k tokens), 128-token
@@ -59,9 +61,7 @@ def chunk_rows(tokens: int, vocab_size: int, chunk_size: int | None = None) -> i
     3 x 192, not 3 x 256 with 192 rows of padding through the head."""
     if chunk_size:
         return min(chunk_size, tokens)
-    limit = max(1, min(default_chunk_size(vocab_size), tokens))
-    chunks = max(1, -(-tokens // limit))
-    return max(1, min(limit, -(-(-(-tokens // chunks)) // 8) * 8))
+    return max(1, tile_length(tokens, default_chunk_size(vocab_size)))  # the attention tiles' even split
 
 
 def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
