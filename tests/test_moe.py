@@ -55,29 +55,19 @@ def _config(kind, **kw):
     return kind(**{**BASE, **kw})
 
 
-@pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("mixtral"), _config(MixtralConfig, **MIXTRAL), "mixtral")
+def _tiny_model_dir(family: str, kind, keys: dict):
+    """A module-scoped fixture `<family>_dir`: a tiny random checkpoint of that config, saved once."""
+    @pytest.fixture(scope="module", name=f"{family}_dir")
+    def fixture(tmp_path_factory):
+        return save_tiny(tmp_path_factory.mktemp(family), _config(kind, **keys), family)
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def qwen3moe_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen3moe"), _config(Qwen3MoeConfig, **QWEN3), "qwen3moe")
-
-
-@pytest.fixture(scope="module")
-def qwen2moe_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen2moe"), _config(Qwen2MoeConfig, **QWEN2), "qwen2moe")
-
-
-@pytest.fixture(scope="module")
-def qwen3moe_mixed_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen3moe_mixed"), _config(Qwen3MoeConfig, **QWEN3_MIXED), "mixed")
-
-
-@pytest.fixture(scope="module")
-def qwen3moe_step2_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen3moe_step2"), _config(Qwen3MoeConfig, **QWEN3_STEP2), "step2")
+mixtral_dir = _tiny_model_dir("mixtral", MixtralConfig, MIXTRAL)
+qwen3moe_dir = _tiny_model_dir("qwen3moe", Qwen3MoeConfig, QWEN3)
+qwen2moe_dir = _tiny_model_dir("qwen2moe", Qwen2MoeConfig, QWEN2)
+qwen3moe_mixed_dir = _tiny_model_dir("qwen3moe_mixed", Qwen3MoeConfig, QWEN3_MIXED)
+qwen3moe_step2_dir = _tiny_model_dir("qwen3moe_step2", Qwen3MoeConfig, QWEN3_STEP2)
 
 
 @pytest.fixture(params=["batched", "ragged"])
