@@ -161,17 +161,22 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k=0, top_p
 _BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
 
 
-def draw(key: jax.Array, scores: jax.Array) -> jax.Array:
+def draw(key: jax.Array, scores: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """One token per row [B] drawn from softmax(scores [B, V]) (-inf: never drawn) by inverting the
     CDF at one uniform per row, in two levels (which block of 256 tokens, then which token in it):
     two passes over the vocabulary and B random numbers, where a Gumbel-max draw needs B x V of
-    them (60 ms against 2 ms per step for 64 rows x 49k tokens on a CPU)."""
+    them (60 ms against 2 ms per step for 64 rows x 49k tokens on a CPU). With `rows` [B] (each
+    row's identity) a row's uniform comes from `key` folded with it, whatever rows share the batch."""
     b, v = scores.shape
     pad = -v % _BLOCK
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, _BLOCK)
     blocks = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [B, V / 256]
-    u = (1.0 - jax.random.uniform(key, (b, 1))) * blocks[:, -1:]  # in (0, total]
+    if rows is None:
+        uniform = jax.random.uniform(key, (b, 1))
+    else:
+        uniform = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (1,)))(rows)
+    u = (1.0 - uniform) * blocks[:, -1:]  # in (0, total]
     block = jnp.minimum(jnp.sum(blocks < u, axis=-1), blocks.shape[1] - 1)
     before = jnp.where(block > 0, jnp.take_along_axis(blocks, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
     inner = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]  # [B, 256]
@@ -183,9 +188,9 @@ def draw(key: jax.Array, scores: jax.Array) -> jax.Array:
     return jnp.where(last >= 0, token, jnp.argmax(scores, axis=-1)).astype(jnp.int32)
 
 
-def _next_token(logits, key, settings, seen):
+def _next_token(logits, key, settings, seen, rows=None):
     def sampled(logits):
-        return draw(key, process_logits(logits, settings, seen))
+        return draw(key, process_logits(logits, settings, seen), rows)
 
     def greedy(logits):
         scores = logits.astype(jnp.float32)
@@ -217,11 +222,42 @@ def _constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh))
 
 
+def compaction_sizes(rows: int, unit: int = 8) -> list[int]:
+    """The batch sizes a decode loop of `rows` rows steps through as rows end: each the largest multiple
+    of `unit` at most 3/4 of the last, down to `unit` ([64, 48, 32, 24, 16, 8]). A size is compiled
+    once per rollout shape, so the ratio keeps the phases few while a row that has ended costs at most
+    a third more than the live ones."""
+    sizes = [rows]
+    while (nxt := sizes[-1] * 3 // 4 // unit * unit) >= unit:
+        sizes.append(nxt)
+    return sizes
+
+
+def _compacts(rows: int) -> bool:
+    """Whether the decode loop drops ended rows: on a CPU (a decode step costs what its rows cost; on an
+    accelerator reading the weights dominates and a smaller batch saves nothing), with the rows not
+    split over devices (the live rows are gathered across the batch)."""
+    if jax.default_backend() != "cpu" or rows < 16:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    from jaxtune.parallel.mesh import spec
+
+    return spec(("batch",), (rows,), mesh)[0] is None
+
+
 def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Array, settings: dict, *,
            max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, num_generations: int = 1,
-           cache_dtype: Any = None) -> SampleOutput:
+           cache_dtype: Any = None, compact: bool | None = None) -> SampleOutput:
     """Complete left-padded prompts [B, W] (segments 1 on tokens, 0 on padding): `num_generations`
-    completions each, rows prompt-major. Trace it inside a jit (see `make_rollout`)."""
+    completions each, rows prompt-major. Trace it inside a jit (see `make_rollout`).
+
+    With `compact` (default: on a CPU with the rows on one device, `_compacts`) the loop runs in phases
+    of decreasing batch size (`compaction_sizes`): when the live rows fit the next size, they are
+    gathered (cache included) and the ended ones dropped, so a batch whose completions end early does
+    not pay full-batch steps for the longest one. Each row draws from its own key (the step's key
+    folded with the row's index), so the tokens are the same with or without compaction."""
     batch, width = prompt_ids.shape
     g = num_generations
     rows = batch * g
@@ -239,33 +275,59 @@ def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Ar
     vocab = logits.shape[-1]
     seen = jnp.zeros((rows, vocab), jnp.int32).at[jnp.arange(rows)[:, None], prompt_ids].add(prompt_segments) > 0
     eos = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
-    out = jnp.full((rows, max_new_tokens), pad_id, jnp.int32)
-    logps = jnp.zeros((rows, max_new_tokens), jnp.float32)
-    done = jnp.zeros((rows,), bool)
-    lengths = jnp.zeros((rows,), jnp.int32)
+    # per live slot: (logits, cache, position, seen tokens, ended, the row it holds)
+    live = (logits, cache, positions[:, -1], seen, jnp.zeros((rows,), bool), jnp.arange(rows, dtype=jnp.int32))
+    # per row: tokens, log-probs, lengths
+    out = (jnp.full((rows, max_new_tokens), pad_id, jnp.int32), jnp.zeros((rows, max_new_tokens), jnp.float32),
+           jnp.zeros((rows,), jnp.int32))
 
-    def cond(carry):
-        step, *_, done, _, _, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, out, logps, done, lengths, key, pos, seen = carry
-        key, draw = jax.random.split(key)
-        token = _next_token(logits, draw, settings, seen)
-        logp = token_logps(logits, token, settings["temperature"])
+    def body(carry, identity: bool):
+        """One token for every slot. `identity`: slot i holds row i (before any compaction), so the
+        per-row outputs are written in place, with no scatter over rows that may be sharded."""
+        step, key, (logits, cache, pos, seen, done, row), (tokens, logps, lengths) = carry
+        key, step_key = jax.random.split(key)
+        token = _next_token(logits, step_key, settings, seen, row)
+        logp = jnp.where(done, 0.0, token_logps(logits, token, settings["temperature"]))
         token = jnp.where(done, pad_id, token)
-        out = out.at[:, step].set(token)
-        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
-        lengths = lengths + (~done).astype(jnp.int32)
-        seen = seen.at[jnp.arange(rows), token].set(True)
+        if identity:
+            tokens, logps = tokens.at[:, step].set(token), logps.at[:, step].set(logp)
+            lengths = lengths + (~done).astype(jnp.int32)
+        else:  # a slot whose row has ended writes the padding (and 0) it already holds
+            tokens, logps = tokens.at[row, step].set(token), logps.at[row, step].set(logp)
+            lengths = lengths.at[row].add((~done).astype(jnp.int32))
+        size = row.shape[0]
+        seen = seen.at[jnp.arange(size), token].set(True)
         done = done | jnp.isin(token, eos)
         pos = pos + 1
-        hidden, cache = model.decode(token[:, None], jnp.ones((rows, 1), jnp.int32), pos[:, None], cache)
-        return step + 1, model.logits(hidden[:, 0]), cache, out, logps, done, lengths, key, pos, seen
+        hidden, cache = model.decode(token[:, None], jnp.ones((size, 1), jnp.int32), pos[:, None], cache)
+        return step + 1, key, (model.logits(hidden[:, 0]), cache, pos, seen, done, row), (tokens, logps, lengths)
 
-    carry = (jnp.int32(0), logits, cache, out, logps, done, lengths, key, positions[:, -1], seen)
-    _, _, _, out, logps, done, lengths, _, _, _ = jax.lax.while_loop(cond, body, carry)
-    return SampleOutput(out, lengths, done, logps)
+    sizes = compaction_sizes(rows) if (_compacts(rows) if compact is None else compact) else [rows]
+    carry = (jnp.int32(0), key, live, out)
+    for phase, size in enumerate(sizes):
+        if phase:
+            carry = carry[:2] + (_keep_live(carry[2], size),) + carry[3:]
+        after = sizes[phase + 1] if phase + 1 < len(sizes) else 0  # leave once the live rows fit the next size
+
+        def cond(carry, after=after):
+            step, _, live, _ = carry
+            return (step < max_new_tokens) & (jnp.sum(~live[4]) > after)
+
+        carry = jax.lax.while_loop(cond, functools.partial(body, identity=phase == 0), carry)
+    tokens, logps, lengths = carry[3]
+    finished = jnp.isin(jnp.take_along_axis(tokens, lengths[:, None] - 1, axis=1)[:, 0], eos)
+    return SampleOutput(tokens, lengths, finished, logps)
+
+
+def _keep_live(live: tuple, size: int) -> tuple:
+    """The decode state's first `size` slots after a stable sort that puts the live ones first (all of
+    them, when at most `size` are live)."""
+    logits, cache, pos, seen, done, row = live
+    keep = jnp.argsort(done, stable=True)[:size]
+    take = functools.partial(jnp.take, indices=keep, axis=0)
+    cache = dataclasses.replace(cache, k=jnp.take(cache.k, keep, axis=1), v=jnp.take(cache.v, keep, axis=1),
+                                positions=take(cache.positions), segment_ids=take(cache.segment_ids))
+    return take(logits), cache, take(pos), take(seen), take(done), take(row)
 
 
 def make_rollout(graphdef, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, num_generations: int = 1,

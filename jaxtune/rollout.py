@@ -42,14 +42,15 @@ _ROLLOUT_STREAM = 0x524F4C4C  # folds the seed into the rollouts' own key stream
 
 
 def row_buckets(longest: int, step: int = 64) -> list[int]:
-    """The padded lengths of GRPO's rows: multiples of `step`, each about 1.25x the last (a row pads at
-    most a quarter plus `step` tokens; a new length compiles the step once, a few seconds, while powers
-    of two padded rows by up to 2x, measured as 2x slower train steps in scripts/bench_grpo.py)."""
+    """The padded lengths of GRPO's micro-batches: multiples of `step`, each at most 1.125x the last
+    past 8 steps (a micro-batch pads at most an eighth plus `step` tokens). Each micro-batch pads to its
+    own bucket and a new length compiles the step's per-micro-batch call once (about 2 s for
+    SmolLM2-135M on 2 CPU cores), so the buckets stay few: 9 up to 576 tokens, 29 up to 8k."""
     top = -(-longest // step) * step
     buckets, b = [], step
     while b < top:
         buckets.append(b)
-        b = max(b + step, -(-int(b * 1.25) // step) * step)
+        b = max(b + step, -(-int(b * 1.125) // step) * step)
     return buckets + [top]
 
 
@@ -59,7 +60,8 @@ def _keep_rows(rows, _length):
 
 class Rollouts:
     """The GRPO batch source of `jaxtune.trainer.Trainer`: `next_step` gives the next optimizer step's
-    host batch [A, rows, length] (a new rollout when the last one is used up) and the rollout's metrics."""
+    host batch (a new rollout when the last one is used up) and the rollout's metrics: its A micro-batches
+    as a list of [1, rows, length_a] (each its own length), or [1, rows, length] when A is 1."""
 
     def __init__(self, cfg, data, objective, *, mesh, graphdef, eos_ids, output_dir: Path | None = None):
         s = cfg.grpo_settings
@@ -134,7 +136,8 @@ class Rollouts:
         if not self.pending:
             metrics = self._roll(trainable, frozen, TrainerState(step, epoch, max_steps))
         batch = self.pending.pop(0)
-        if self.skip_zero and not np.any(batch["advantages"]):
+        micros = batch if isinstance(batch, list) else [batch]
+        if self.skip_zero and not any(np.any(m["advantages"]) for m in micros):
             metrics["skipped_zero_adv_batches"] = 1.0
         return batch, metrics
 
@@ -244,11 +247,18 @@ class Rollouts:
         batches = []
         for s in range(steps):
             chunk = rows[s * per_step:(s + 1) * per_step]
-            longest = max(len(r["input_ids"]) for r in chunk if r is not None)
-            length = next(b for b in self.buckets if b >= longest)
-            micro = [collate_rows(chunk[a * self.rows_per_micro:(a + 1) * self.rows_per_micro], length, self.pad_id)
-                     for a in range(self.accum)]
-            batches.append({k: np.stack([m[k] for m in micro]) for k in micro[0]})
+            micro = []
+            for a in range(self.accum):
+                part = chunk[a * self.rows_per_micro:(a + 1) * self.rows_per_micro]
+                longest = max((len(r["input_ids"]) for r in part if r is not None), default=1)
+                micro.append(collate_rows(part, next(b for b in self.buckets if b >= longest), self.pad_id))
+            # each micro-batch padded to its own length (as TRL pads each of its micro-batches), a list for the
+            # trainer's RaggedStep (padding them all to the longest cost 12-14% more tokens in
+            # scripts/bench_grpo.py's steps); one micro-batch: the stacked [1, rows, length]
+            if self.accum == 1:
+                batches.append({k: np.stack([m[k] for m in micro]) for k in micro[0]})
+            else:
+                batches.append([{k: v[None] for k, v in m.items()} for m in micro])
         return batches * self.shape.iterations
 
     def _metrics(self, rewards: np.ndarray, is_std_zero: np.ndarray, lengths: np.ndarray,

@@ -1,23 +1,13 @@
-"""The training loop: objective-agnostic step, gradient accumulation, eval, checkpoints, logging.
-
-The step is one pure function of (trainable params, frozen params, optimizer state, batch, rng,
-step, reference params) jitted once. A batch holds `gradient_accumulation_steps` micro-batches
-stacked on a leading axis, laid out as the objective declares (jaxtune.objectives.base). The
-objective's `totals` of the whole accumulated batch come first (its unit count `weight`: trained
-tokens for SFT, pairs for DPO, and any other denominator); a `lax.scan` then runs the micro-batches,
-summing each one's loss sum over the whole batch's weight (so the gradients come out normalized) and
-its metric sums, which are divided by the totals once: the loss is normalized by the units of the whole
-accumulated batch (accumulating 4 x 1 is the same step
-as one batch of 4). An objective with a reference model gets the reference's log-probs from the
-same step: the policy's state with adapters off and `ref_params` overlaid (objectives/reference.py).
+"""The training loop: batches, eval, checkpoints, logging around the jitted step (jaxtune/step.py).
 
 Steps per epoch = ceil(batches per epoch / accumulation); the last step of an epoch may hold fewer
 real micro-batches (the rest are all-padding, weight 0). `max_steps` overrides the epoch count.
+A GRPO step's micro-batches may come as a list of different lengths (each padded to its own, as TRL
+pads its micro-batches): `step.RaggedStep` runs those.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import signal
@@ -25,9 +15,7 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxtune.batch import Layout
@@ -36,10 +24,9 @@ from jaxtune.data.loader import BatchLoader
 from jaxtune.early_stopping import BestModel
 from jaxtune.errors import JaxtuneError
 from jaxtune.logging import MetricsWriter, Progress, info, warn
-from jaxtune.models.moe import router_terms
-from jaxtune.objectives.reference import reference_model
 from jaxtune.optim import build_optimizer
 from jaxtune.parallel import mesh as M
+from jaxtune.step import RaggedStep, make_eval_step, make_train_step, normalize, release_freed_host_memory
 
 
 class TrainingError(JaxtuneError):
@@ -80,140 +67,6 @@ def make_plan(cfg, batches_per_epoch: int, has_eval: bool) -> Plan:
         if has_eval else None
     save_every = _interval(cfg.save_steps, cfg.saves_per_epoch, cfg.save_strategy, steps_per_epoch, total)
     return Plan(batches_per_epoch, steps_per_epoch, total, eval_every, save_every)
-
-
-def _reference_of(graphdef, objective, reference: bool, trainable, frozen, ref_params, micro):
-    """The reference values the objective needs for `micro`: computed by the reference model in the
-    step, carried by the batch (precomputed), or None (no reference)."""
-    if reference:
-        return objective.reference_logps(reference_model(graphdef, trainable, frozen, ref_params), micro)
-    if objective.needs_reference:
-        if objective.reference_key not in micro:
-            raise JaxtuneError(f"{objective.name} needs reference log-probs: the batch carries none and the step "
-                               "builds no reference model")
-        return micro[objective.reference_key]
-    return None
-
-
-def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, schedule, *, use_rng: bool,
-                    reference: bool = False, state_shardings=None, grad_shardings=None, opt_device_shardings=None):
-    """The jitted step: (trainable, frozen, opt_state, batch [A, B, ...], rng, step, ref_params=None) ->
-    (trainable, opt_state, metrics). `traces` counts compilations (a test asserts it stays 1).
-    `reference`: the objective's reference model is built in the step from the policy's state and
-    `ref_params` (objectives/reference.py). On a mesh (jaxtune.parallel.mesh.place_training_state):
-    `state_shardings` = (trainable's, opt_state's) shardings keeps the updated state where it was, so
-    the step compiles once; `grad_shardings` shards the gradients like the optimizer state (ZeRO-1/2:
-    a reduce-scatter, not an all-reduce); `opt_device_shardings` brings an optimizer state kept in
-    host memory to the devices for the update (it goes back by `state_shardings`)."""
-
-    def micro_loss(trainable, frozen, micro, key, ref, totals, micro_batches):
-        """This micro-batch's share of the step's loss: its loss sum over the whole batch's weight, so
-        that the gradients come out normalized (no division pass over a second gradient-sized buffer)."""
-        model = nnx.merge(graphdef, trainable, frozen)
-        model.collect_router_stats = True
-        loss, sums = objective.loss(model, micro, key if use_rng else None, ref, totals)
-        loss, sums = with_router_loss(model, loss, sums, totals["weight"] / micro_batches)
-        return loss / jnp.maximum(totals["weight"], 1.0), sums
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def step(trainable, frozen, opt_state, batch, rng, step_index, ref_params=None):
-        step_fn.traces += 1
-        micro_batches = jax.tree.leaves(batch)[0].shape[0]
-        keys = jax.random.split(jax.random.fold_in(rng, step_index), micro_batches)
-        totals = objective.totals(batch)
-        first = jax.tree.map(lambda x: x[0], batch)
-
-        def grads_of(micro, key):
-            ref = _reference_of(graphdef, objective, reference, trainable, frozen, ref_params, micro)
-            return grad_fn(trainable, frozen, micro, key, ref, totals, micro_batches)
-
-        def zeros():
-            (_, metric_shapes), _ = jax.eval_shape(grads_of, first, keys[0])
-            return (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
-                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-
-        def body(carry, xs):
-            grads, loss, metrics = carry
-            (micro_loss_sum, micro_metrics), micro_grads = grads_of(*xs)
-            return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss_sum,
-                    jax.tree.map(jnp.add, metrics, micro_metrics)), None
-
-        if micro_batches == 1:  # no accumulator buffers (one parameter-sized copy less)
-            (loss, metrics), grads = grads_of(first, keys[0])
-        else:
-            (grads, loss, metrics), _ = jax.lax.scan(body, zeros(), (batch, keys))
-        if grad_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        if opt_device_shardings is not None:
-            opt_state = jax.device_put(opt_state, opt_device_shardings)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        out = normalize(objective, metrics, totals)
-        out.update(loss=loss, grad_norm=grad_norm, lr=schedule(step_index), weight=totals["weight"])
-        return trainable, opt_state, out
-
-    out_shardings = None if state_shardings is None else (*state_shardings, None)
-    step_fn = jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
-    step_fn.traces = 0
-    return step_fn
-
-
-def with_router_loss(model, loss, sums: dict, share) -> tuple[jax.Array, dict]:
-    """A mixture-of-experts model's load-balancing loss (transformers': router_aux_loss_coef times
-    load_balancing_loss_func of the policy's forward pass, per micro-batch) added to the objective's
-    loss, and logged: `aux_loss`, each layer's most loaded expert (`expert_load_max/layer_i`: its share
-    of the routed slots times E, 1 when balanced) and the overall `expert_load_max` / `expert_load_min`.
-    `share` = the batch's weight over the micro-batches, so that divided by the weight (the loss in
-    micro_loss, the metrics in `normalize`) each is the mean over micro-batches. A dense model's loss and sums pass unchanged."""
-    terms = router_terms(model)
-    if terms is None:
-        return loss, sums
-    aux, load = terms
-    coef = model.cfg.router_aux_loss_coef
-    if coef:
-        loss = loss + coef * aux * share
-    sums = dict(sums, aux_loss=aux * share, expert_load_max=jnp.max(load) * share,
-                expert_load_min=jnp.min(load) * share)
-    for i, layer in enumerate(model.cfg.stack_layers("layers")):  # the routed layers, by their index
-        sums[f"expert_load_max/layer_{layer}"] = jnp.max(load[i]) * share
-    return loss, sums
-
-
-def normalize(objective, sums: dict, totals: dict) -> dict:
-    """Each metric sum divided by its denominator's total (terms and counts left out); a metric whose
-    denominator is 0 in this batch (KTO without undesirable completions) is NaN, dropped from logs."""
-    out = {}
-    for key, value in sums.items():
-        if key == "weight" or key in objective.loss_terms:
-            continue
-        total = totals[objective.denominator(key)]
-        out[key] = jnp.where(total > 0, value / jnp.maximum(total, 1.0), jnp.nan)
-    return out
-
-
-def release_freed_host_memory() -> None:
-    """Return the host heap's free pages to the OS (glibc's malloc_trim). XLA's compiler frees hundreds
-    of MB that glibc keeps in its arenas: measured on the MoE benchmark's full fine-tuning step, peak
-    RSS 2.29 GB without this between compiling and running the step, 1.95 GB with it. No-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def make_eval_step(graphdef, objective, *, reference: bool = False):
-    """(trainable, frozen, batch, ref_params=None) -> (loss sum, metric and term sums, totals) of one
-    eval batch; `Trainer.evaluate` adds them up over the eval set and divides once."""
-    def step(trainable, frozen, batch, ref_params=None):
-        model = nnx.merge(graphdef, trainable, frozen)
-        ref = _reference_of(graphdef, objective, reference, trainable, frozen, ref_params, batch)
-        totals = objective.totals(batch)
-        loss, sums = objective.loss(model, batch, None, ref, totals)
-        return loss, sums, totals
-
-    return jax.jit(step)
 
 
 def stack_micro_batches(group: list[dict], accum: int, layout: Layout) -> dict[str, np.ndarray]:
@@ -282,6 +135,9 @@ class Trainer:
         self._compiled: list = []  # the batch shapes train_step has been compiled for
         self.train_step = make_train_step(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng,
                                           reference=self.reference, **placed.step_shardings)
+        self.ragged_step = RaggedStep(self.graphdef, objective, self.optimizer, self.schedule, use_rng=use_rng,
+                                      reference=self.reference, **placed.step_shardings) \
+            if self.rollouts is not None else None
         self.eval_step = make_eval_step(self.graphdef, objective, reference=self.reference)
         self.checkpoints = Checkpoints(output_dir / "checkpoints", cfg.save_total_limit)
         self.best = BestModel.from_config(cfg, self.plan)
@@ -459,7 +315,16 @@ class Trainer:
                                                    max_steps=state.max_steps)
             yield batch, extra, {"rollouts": self.rollouts.state()}
 
-    def _run_step(self, stacked) -> dict:
+    def _run_step(self, stacked: dict | list[dict]) -> dict:
+        if isinstance(stacked, list):  # micro-batches of their own lengths (GRPO)
+            with jax.set_mesh(self.mesh):
+                self.trainable, self.opt_state, out, compiling = self.ragged_step(
+                    self.trainable, self.frozen, self.opt_state, [self._place(m) for m in stacked], self.rng,
+                    np.int32(self.step), self.ref_params)
+            record = {k: float(v) for k, v in jax.device_get(out).items()}
+            if compiling:
+                record["timing/compile"] = compiling
+            return self._after_step(record)
         traces, started = self.train_step.traces, time.perf_counter()
         with jax.set_mesh(self.mesh):
             args = (self.trainable, self.frozen, self.opt_state, self._place(stacked), self.rng, np.int32(self.step),
@@ -475,6 +340,9 @@ class Trainer:
         record = {k: float(v) for k, v in jax.device_get(out).items()}
         if self.train_step.traces != traces:  # a new batch shape: the call returned after tracing and compiling
             record["timing/compile"] = dispatched - started
+        return self._after_step(record)
+
+    def _after_step(self, record: dict) -> dict:
         if self.sync is not None and (self.step + 1) % self.sync[1] == 0:
             with jax.set_mesh(self.mesh):
                 self.ref_params = self._mix(self.ref_params, self.trainable, self.sync[0])
@@ -501,11 +369,12 @@ class Trainer:
                     break
                 stacked, extra, position = got
                 fetched = time.perf_counter()
-                tokens = int((stacked["segment_ids"] > 0).sum()) * shares  # about all hosts'
-                slots = int(stacked["segment_ids"].size) * shares  # padding included
+                micros = stacked if isinstance(stacked, list) else [stacked]
+                tokens = sum(int((m["segment_ids"] > 0).sum()) for m in micros) * shares  # about all hosts'
+                slots = sum(int(m["segment_ids"].size) for m in micros) * shares  # padding included
                 if extra.get("skipped_zero_adv_batches"):  # GRPO: no learning signal, no forward, no update
                     record = {"loss": 0.0, "lr": float(self.schedule(self.step)), "grad_norm": 0.0,
-                              "weight": float(np.sum(stacked["completions"]))}
+                              "weight": float(sum(np.sum(m["completions"]) for m in micros))}
                 else:
                     record = self._run_step(stacked)
                 self.step += 1

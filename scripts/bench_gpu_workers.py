@@ -91,7 +91,7 @@ def worker_train_jaxtune(spec: dict) -> dict:
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     model, lora_spec = jaxtune_model(spec["config"], lora=spec["mode"] == "lora")
     backend = model.attn_implementation

@@ -55,7 +55,7 @@ def worker(args) -> dict:
     from jaxtune.optim import build_optimizer
     from jaxtune.peft import lora
     from jaxtune.models.llama import LORA_TARGETS
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     chunked, attn = COMBOS[args.combo]
     model = load_model(args.model, dtype="float32", param_dtype="float32", attn_implementation=attn, remat="full")

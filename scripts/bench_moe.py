@@ -87,7 +87,7 @@ def worker_jaxtune(mode: str, args) -> dict:
 
     from jaxtune.objectives.sft import SFT
     from jaxtune.peft import lora
-    from jaxtune.trainer import make_train_step, release_freed_host_memory
+    from jaxtune.step import make_train_step, release_freed_host_memory
 
     spec = (lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=ATTENTION, parameters=EXPERT_PARAMETERS)
             if mode == "lora" else None)

@@ -40,7 +40,7 @@ def worker(args) -> dict:
     from jaxtune.parallel import mesh as M
     from jaxtune.peft import lora
     from jaxtune.models.llama import LORA_TARGETS
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     n = jax.device_count()
     gpu = jax.default_backend() == "gpu"

@@ -105,7 +105,7 @@ def worker_jaxtune(mode: str, args) -> dict:
     from jaxtune.objectives.sft import SFT
     from jaxtune.peft import lora
     from jaxtune.models.llama import LORA_TARGETS
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     t0 = time.perf_counter()
     spec = lora.LoraSpec(r=LORA_R, alpha=LORA_ALPHA, targets=tuple(LORA_TARGETS)) if mode == "lora" else None

@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -249,17 +248,19 @@ def _hf(trainer):
 
 
 def _advantages_per_completion(batch, n: int) -> np.ndarray:
-    """Each completion's advantage from our step batch [A, rows, T] (completion order: row-major, branch by
-    branch, as the rollout lays them out when it trains one step without shuffling)."""
+    """Each completion's advantage from our step batch (micro-batches [1, rows, T_a], or one [A, rows, T];
+    completion order: row-major, branch by branch, as the rollout lays them out when it trains one step
+    without shuffling)."""
     from jaxtune.batch import BRANCH
 
     values = []
-    adv, seg = batch["advantages"], batch["segment_ids"]
-    for a in range(adv.shape[0]):
-        for r in range(adv.shape[1]):
-            branches = sorted({int(s) >> 24 for s in seg[a, r] if s >= BRANCH})
-            for b in branches:
-                idx = np.flatnonzero((seg[a, r] >> 24) == b)
-                values.append(adv[a, r, idx[0]])
+    for micro in batch if isinstance(batch, list) else [batch]:
+        adv, seg = micro["advantages"], micro["segment_ids"]
+        for a in range(adv.shape[0]):
+            for r in range(adv.shape[1]):
+                branches = sorted({int(s) >> 24 for s in seg[a, r] if s >= BRANCH})
+                for b in branches:
+                    idx = np.flatnonzero((seg[a, r] >> 24) == b)
+                    values.append(adv[a, r, idx[0]])
     assert len(values) == n
     return np.asarray(values)

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from jaxtune.parallel import mesh as M
     from jaxtune.peft import lora
     from jaxtune.peft.qlora import mark_quantized, quantizing_place
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     from jaxtune.parallel import ring
 

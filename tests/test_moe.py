@@ -215,7 +215,7 @@ def test_router_loss_and_load_are_logged(mixtral_dir):
     from jaxtune.config import build_config
     from jaxtune.objectives.sft import SFT
     from jaxtune.optim import build_optimizer
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     model = load_model(mixtral_dir)
     assert model.cfg.router_aux_loss_coef == 0.0
@@ -368,7 +368,7 @@ EP_SCRIPT = textwrap.dedent(
     from jaxtune.objectives.sft import SFT
     from jaxtune.parallel import experts as EP, mesh as M
     from jaxtune.peft import lora
-    from jaxtune.trainer import with_router_loss
+    from jaxtune.step import with_router_loss
 
     assert jax.device_count() == 8
     calls = []

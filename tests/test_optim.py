@@ -119,7 +119,7 @@ def _train(model_dir, optimizer: str, steps: int = 50):
 
     from jaxtune.checkpoint.hf import load_model
     from jaxtune.objectives.sft import SFT
-    from jaxtune.trainer import make_train_step
+    from jaxtune.step import make_train_step
 
     model = load_model(model_dir)
     cfg = _cfg(optimizer=optimizer, learning_rate=3e-3, weight_decay=0.01, max_grad_norm=1.0)

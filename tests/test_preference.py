@@ -408,7 +408,7 @@ from jaxtune.objectives.preference import DPO
 from jaxtune.optim import build_optimizer
 from jaxtune.parallel import mesh as M, ring
 from jaxtune.peft import lora
-from jaxtune.trainer import make_train_step
+from jaxtune.step import make_train_step
 
 assert jax.device_count() == 8
 ring_calls = []

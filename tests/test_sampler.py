@@ -134,3 +134,30 @@ def test_rollout_compiles_once_across_settings_and_uses_the_state_it_is_given(ti
     np.testing.assert_allclose(np.asarray(c.logps)[np.asarray(c.logps) != 0], -np.log(64), rtol=1e-6)  # uniform
     assert not np.allclose(np.asarray(a.logps), np.asarray(c.logps))
     assert rollout._cache_size() == 1 and a.tokens.shape == b.tokens.shape == (6, 6)
+
+
+def test_dropping_ended_rows_changes_no_token(tiny):
+    """The decode loop that drops ended rows (batch 24 -> 16 -> 8 as completions end) samples exactly
+    what the full-batch loop samples: the same tokens, lengths and finish flags, the same log-probs
+    up to the products' rounding at another batch size; the phases really run (three loops)."""
+    from jaxtune.generate import compaction_sizes
+
+    prompts = [[1, 2, 3, 4, 9, 11], [7, 8], [12, 13, 14], [20, 21], [30], [40, 41, 42]]
+    ids, seg = left_pad(prompts, 0, 8)
+    eos = (5, 6, 7, 8)  # ~1 in 16 tokens ends a row: rows end all along the 24 steps
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95)
+    assert compaction_sizes(24) == [24, 16, 8] and compaction_sizes(64) == [64, 48, 32, 24, 16, 8]
+
+    def run(compact):
+        fn = jax.jit(lambda i, s, k: sample(tiny, i, s, k, cfg.traced(), max_new_tokens=24, eos_ids=eos, pad_id=0,
+                                            num_generations=4, compact=compact))
+        loops = str(jax.make_jaxpr(fn)(jnp.asarray(ids), jnp.asarray(seg), jax.random.key(7))).count("while[")
+        return fn(jnp.asarray(ids), jnp.asarray(seg), jax.random.key(7)), loops
+
+    (full, loops_full), (dropped, loops_dropped) = run(False), run(True)
+    assert (loops_full, loops_dropped) == (1, 3)
+    lengths = np.asarray(full.lengths)
+    assert lengths.min() < 12 and lengths.max() == 24 and 16 < np.asarray(full.finished).sum() < 24
+    for name in ("tokens", "lengths", "finished"):
+        np.testing.assert_array_equal(np.asarray(getattr(dropped, name)), np.asarray(getattr(full, name)))
+    np.testing.assert_allclose(np.asarray(dropped.logps), np.asarray(full.logps), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """The train step against references: one LoRA step against PEFT + torch AdamW, full fine-tuning
 against transformers + torch AdamW, gradient accumulation against one big batch, the loss against
-its formula, the schedules against transformers' schedulers, compile-once."""
+its formula, the schedules against transformers' schedulers, compile-once, micro-batches of their own
+lengths against the stacked step."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jaxtune.config import build_config
 from jaxtune.objectives.sft import SFT
 from jaxtune.optim import build_optimizer, build_schedule
 from jaxtune.peft import lora
-from jaxtune.trainer import make_train_step
+from jaxtune.step import make_train_step
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-3
@@ -184,6 +185,51 @@ def test_step_compiles_once(tiny_dir):
     lora.add_lora(model, spec, jax.random.key(0))
     _, step = _jax_steps(model, lora.trainable_filter(model, spec), [_batch(i) for i in range(4)], OPTIM, micro=2)
     assert step.traces == 1
+
+
+def test_ragged_micro_batches_equal_the_stacked_step(tiny_dir):
+    """Micro-batches each padded to its own length (RaggedStep, GRPO's) give the step the stacked
+    micro-batches padded to the longest give: the same loss, metrics and updated weights, over two
+    steps (the second reuses each length's compiled call); one compile per length."""
+    from jaxtune.step import RaggedStep
+
+    def trimmed(b, length):  # the row's tail beyond `length` as padding, then cut off
+        b = {k: v.copy() for k, v in b.items()}
+        b["labels"][:, length:] = -100
+        b["segment_ids"][:, length:] = 0
+        b["input_ids"][:, length:] = 0
+        return b
+
+    micro_lengths = [16, 24, 8]
+    steps = [[trimmed(_batch(10 * s + a, rows=2), n) for a, n in enumerate(micro_lengths)] for s in range(2)]
+    results = []
+    for ragged in (False, True):
+        model = load_model(tiny_dir)
+        spec = lora.LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+        lora.add_lora(model, spec, jax.random.key(1))
+        before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
+        graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(model, spec), ...)
+        optimizer, schedule = build_optimizer(build_config(OPTIM), total_steps=10)
+        opt_state = optimizer.init(trainable)
+        step = (RaggedStep if ragged else make_train_step)(graphdef, SFT(), optimizer, schedule, use_rng=False)
+        records = []
+        for i, micros in enumerate(steps):
+            if ragged:
+                cut = [{k: jnp.asarray(v[None, :, :n]) for k, v in m.items()} for m, n in zip(micros, micro_lengths)]
+                trainable, opt_state, out, _ = step(trainable, frozen, opt_state, cut, jax.random.key(0), jnp.int32(i))
+            else:
+                stacked = {k: jnp.asarray(np.stack([m[k] for m in micros])) for k in micros[0]}
+                trainable, opt_state, out = step(trainable, frozen, opt_state, stacked, jax.random.key(0), jnp.int32(i))
+            records.append({k: float(v) for k, v in out.items()})
+        results.append((records, jax.tree.leaves(trainable), step.traces))
+    (stacked_records, stacked_params, _), (ragged_records, ragged_params, traces) = results
+    for a, b in zip(stacked_records, ragged_records):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=LOSS_RTOL, err_msg=k)
+    assert_updates_close(before, [np.asarray(x) for x in ragged_params], [np.asarray(x) for x in stacked_params],
+                         lr=LR, steps=2)
+    assert traces == len(set(micro_lengths))
 
 
 @pytest.mark.parametrize("chunked", [True, False])
