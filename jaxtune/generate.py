@@ -3,11 +3,13 @@
     out = sample(model, prompt_ids, prompt_segments, key, settings, max_new_tokens=64, num_generations=8,
                  eos_ids=(2,), pad_id=0)
 
-One compiled function runs the prefill and a `lax.while_loop` over new tokens with a preallocated cache
-of length prompt + max_new_tokens: no recompilation per token, and the loop exits as soon as every row
-has ended. Prompts are left-padded (padding has segment id 0 and is never attended). With
-`num_generations` G > 1 the prompts' cache is computed once and repeated G ways (the G completions of
-a prompt share one prefill); rows come out prompt-major, [prompt 0 x G, prompt 1 x G, ...].
+One compiled function runs the prefill and a `lax.while_loop` over new tokens: no recompilation per
+token, and the loop exits as soon as every row has ended. Prompts are left-padded (padding has segment
+id 0 and is never attended). The prefill fills a cache of the prompts' width; the completions get a
+preallocated cache of max_new_tokens slots per row, and every decode step attends both
+(`KVCache.prefix`). With `num_generations` G > 1 the G completions of a prompt share its prefill, and
+each decode step reads the prompt's keys and values once for the G of them (not G copies); rows come
+out prompt-major, [prompt 0 x G, prompt 1 x G, ...].
 
 It is a function of the model's state, not an object that keeps one: GRPO calls it with the training
 state of the moment (the train step donates and replaces those buffers), on the training mesh
@@ -261,17 +263,20 @@ def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Ar
     batch, width = prompt_ids.shape
     g = num_generations
     rows = batch * g
-    cache = KVCache.create(model.cfg, batch, width + max_new_tokens, cache_dtype or model.dtype)
-    cache = dataclasses.replace(cache, k=_constrain(cache.k, KVCache.AXES), v=_constrain(cache.v, KVCache.AXES))
+    dtype = cache_dtype or model.dtype
+
+    def constrained(cache):
+        return dataclasses.replace(cache, k=_constrain(cache.k, KVCache.AXES), v=_constrain(cache.v, KVCache.AXES))
+
     positions = jnp.maximum(jnp.cumsum(prompt_segments, axis=1) - 1, 0)
-    hidden, cache = model.decode(prompt_ids, prompt_segments, positions, cache)
+    # the prompts' keys and values, once: the shared prefix of their rows' completions, which get slots of their own
+    hidden, prompts = model.decode(prompt_ids, prompt_segments, positions, constrained(
+        KVCache.create(model.cfg, batch, width, dtype)))
+    cache = dataclasses.replace(constrained(KVCache.create(model.cfg, rows, max_new_tokens, dtype)), prefix=prompts)
     logits = model.logits(hidden[:, -1])
-    if g > 1:  # one prefill, repeated G ways
+    if g > 1:  # one prefill, shared G ways
         repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
-        cache = KVCache(k=jnp.repeat(cache.k, g, axis=1), v=jnp.repeat(cache.v, g, axis=1),
-                        positions=repeat(cache.positions), segment_ids=repeat(cache.segment_ids), index=cache.index)
         logits, positions, prompt_ids, prompt_segments = map(repeat, (logits, positions, prompt_ids, prompt_segments))
-        cache = dataclasses.replace(cache, k=_constrain(cache.k, KVCache.AXES), v=_constrain(cache.v, KVCache.AXES))
     vocab = logits.shape[-1]
     seen = jnp.zeros((rows, vocab), jnp.int32).at[jnp.arange(rows)[:, None], prompt_ids].add(prompt_segments) > 0
     eos = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
@@ -325,9 +330,7 @@ def _keep_live(live: tuple, size: int) -> tuple:
     logits, cache, pos, seen, done, row = live
     keep = jnp.argsort(done, stable=True)[:size]
     take = functools.partial(jnp.take, indices=keep, axis=0)
-    cache = dataclasses.replace(cache, k=jnp.take(cache.k, keep, axis=1), v=jnp.take(cache.v, keep, axis=1),
-                                positions=take(cache.positions), segment_ids=take(cache.segment_ids))
-    return take(logits), cache, take(pos), take(seen), take(done), take(row)
+    return take(logits), cache.take_rows(keep), take(pos), take(seen), take(done), take(row)
 
 
 def make_rollout(graphdef, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, num_generations: int = 1,

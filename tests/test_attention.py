@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtune.errors import JaxtuneError
-from jaxtune.kernels.attention import attention, attention_mask
+from jaxtune.kernels.attention import attention, attention_mask, cached_attention
 
 
 def _naive(q, k, v, allowed):
@@ -41,6 +41,52 @@ def test_packed_causal_gqa_window_against_naive():
                         kv_segment_ids=jnp.asarray(seg), q_positions=jnp.asarray(pos),
                         kv_positions=jnp.asarray(pos), sliding_window=window)
         np.testing.assert_allclose(np.asarray(got), _naive(q, k, v, allowed), atol=1e-5)
+
+
+def test_decode_over_a_shared_prefix_against_naive():
+    """A decode step over a prefix shared by groups of rows (the sampler's prompt, read once for its G
+    completions), the rows' own cache slots and the token itself: the textbook attention over those
+    keys, and the same step with the prefix repeated into every row's cache (soft cap and window too)."""
+    rng = np.random.default_rng(1)
+    p, g, kv, n, h, w, s = 2, 3, 2, 6, 8, 5, 4
+    b = p * g
+    p_seg = np.array([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # left-padded prompts
+    p_pos = np.maximum(np.cumsum(p_seg, 1) - 1, 0)
+    seg = np.array([[1, 1, 0, 0]] * b)  # two tokens decoded so far, two empty slots
+    pos = p_pos[:, -1:].repeat(g, 0) + np.array([[1, 2, 0, 0]])
+    q_pos = pos[:, 1:2] + 1
+    pk, pv = (rng.normal(size=(p, kv, w, h)).astype(np.float32) for _ in range(2))
+    ck, cv = (rng.normal(size=(b, kv, s, h)).astype(np.float32) for _ in range(2))
+    q = rng.normal(size=(b, 1, n, h)).astype(np.float32)
+    k1, v1 = (rng.normal(size=(b, 1, kv, h)).astype(np.float32) for _ in range(2))
+    # every row's keys: its prompt's, its own slots', its own (token-major for _naive)
+    keys = np.concatenate([np.repeat(pk, g, 0), ck, np.swapaxes(k1, 1, 2)], axis=2).transpose(0, 2, 1, 3)
+    values = np.concatenate([np.repeat(pv, g, 0), cv, np.swapaxes(v1, 1, 2)], axis=2).transpose(0, 2, 1, 3)
+    all_seg = np.concatenate([np.repeat(p_seg, g, 0), seg, np.ones((b, 1), int)], 1)
+    all_pos = np.concatenate([np.repeat(p_pos, g, 0), pos, q_pos], 1)
+    common = dict(q_segment_ids=jnp.ones((b, 1), jnp.int32), kv_segment_ids=jnp.asarray(seg),
+                  q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(pos))
+    prefix = tuple(jnp.asarray(a) for a in (pk, pv, p_pos, p_seg))
+    for window, softcap in ((None, None), (3, None), (None, 2.0)):
+        got = cached_attention(*(jnp.asarray(a) for a in (q, k1, v1, ck, cv)), sliding_window=window, softcap=softcap,
+                               prefix=prefix, **common)
+        repeated = cached_attention(
+            *(jnp.asarray(a) for a in (q, k1, v1)), jnp.concatenate([jnp.repeat(pk, g, 0), ck], 2),
+            jnp.concatenate([jnp.repeat(pv, g, 0), cv], 2), q_segment_ids=jnp.ones((b, 1), jnp.int32),
+            kv_segment_ids=jnp.asarray(np.concatenate([np.repeat(p_seg, g, 0), seg], 1)),
+            q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(np.concatenate([np.repeat(p_pos, g, 0), pos], 1)),
+            sliding_window=window, softcap=softcap)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(repeated), atol=1e-5)
+        if softcap is None:
+            allowed = (all_seg[:, None, :] > 0) & (q_pos[:, :, None] >= all_pos[:, None, :])
+            if window:
+                allowed &= (q_pos[:, :, None] - all_pos[:, None, :]) < window
+            np.testing.assert_allclose(np.asarray(got), _naive(q, keys, values, allowed), atol=1e-5)
+    with pytest.raises(ValueError, match="single-token"):
+        cached_attention(*(jnp.asarray(a) for a in (np.repeat(q, 2, 1), np.repeat(k1, 2, 1), np.repeat(v1, 2, 1),
+                                                    ck, cv)), prefix=prefix, q_segment_ids=jnp.ones((b, 2), jnp.int32),
+                         kv_segment_ids=jnp.asarray(seg), q_positions=jnp.asarray(np.repeat(q_pos, 2, 1)),
+                         kv_positions=jnp.asarray(pos))
 
 
 def test_mask_examples():

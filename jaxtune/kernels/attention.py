@@ -222,14 +222,23 @@ def attention(
 def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window=None,
                      scale: float | None = None, softcap: float | None = None,
-                     implementation: str = "xla") -> jax.Array:
+                     implementation: str = "xla", prefix=None) -> jax.Array:
     """Attention of T new tokens (q, k, v [B, T, ., H]) over a KV cache of S slots laid out head-major,
     [B, K, S, H] (jaxtune.models.cache; `kv_segment_ids` / `kv_positions` [B, S] describe its slots,
     empty ones segment 0), and over themselves. A decode step (T = 1) multiplies and reduces in place:
     each row's cached keys are read once, contiguously (memory-bound, as decoding is; batched
     [G, H] x [H, S] products were slower on CPUs). A prefill (T > 1) runs `implementation` over the
-    cache and the new tokens together, token-major."""
+    cache and the new tokens together, token-major.
+
+    `prefix` (decode steps only): a shared cache (k, v [P, K, W, H], positions, segment_ids [P, W])
+    that consecutive groups of B / P rows attend as well (a prompt's slots, read once for the G
+    completions sampled from it, multiplied and reduced like the cache's: at 8 prompts x 8 rows, 64
+    prompt and 64 own slots, the 30 layers' attention took 13 ms against 21 ms with the prompt's slots
+    in every row's cache, and einsum products 18 ms). One softmax runs over the prefix's slots, the
+    cache's and the token itself."""
     b, t, n, h = q_btnh.shape
+    if prefix is not None and t > 1:
+        raise ValueError("a shared prefix cache serves single-token decode steps; prefill into a cache of its own")
     if t > 1:
         keys = jnp.concatenate([jnp.swapaxes(k_cache, 1, 2), k_btkh], axis=1)
         values = jnp.concatenate([jnp.swapaxes(v_cache, 1, 2), v_btkh], axis=1)
@@ -249,7 +258,26 @@ def cached_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_
     logits = jnp.where(mask[:, None, None], soft_cap(logits * jnp.float32(scale), softcap), jnp.finfo(jnp.float32).min)
     # [B, K, G, 1]: a token sees itself
     own = soft_cap(jnp.sum(q * k_self, axis=-1, keepdims=True) * jnp.float32(scale), softcap)
-    probs = jax.nn.softmax(jnp.concatenate([logits, own], axis=-1), axis=-1)
+    parts = [logits, own]
+    if prefix is not None:
+        pk, pv, p_positions, p_segments = prefix
+        p, width = pk.shape[0], pk.shape[2]
+        group = b // p
+        p_mask = attention_mask(q_segment_ids, jnp.repeat(p_segments, group, axis=0), q_positions,
+                                jnp.repeat(p_positions, group, axis=0), sliding_window=sliding_window)[:, 0]
+        grouped = q.reshape(p, group, kv_heads, n // kv_heads, h)
+        p_logits = jnp.sum(grouped[:, :, :, :, None] * pk[:, None, :, None].astype(jnp.float32), axis=-1)
+        p_logits = p_logits.reshape(b, kv_heads, -1, width)  # [B, K, G, W]
+        parts.insert(0, jnp.where(p_mask[:, None, None], soft_cap(p_logits * jnp.float32(scale), softcap),
+                                  jnp.finfo(jnp.float32).min))
+    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
+    if prefix is not None:
+        p_probs = probs[..., :width].reshape(p, group, kv_heads, n // kv_heads, width)
+        prefix_out = jnp.sum(p_probs[..., None] * pv[:, None, :, None].astype(jnp.float32), axis=-2)
+        prefix_out = prefix_out.reshape(b, kv_heads, -1, h)
+        probs = probs[..., width:]
     out = jnp.sum(probs[..., :-1, None] * v_cache[:, :, None].astype(jnp.float32), axis=-2) \
         + probs[..., -1:] * v_self
+    if prefix is not None:
+        out = out + prefix_out
     return out.reshape(b, 1, n, h).astype(v_cache.dtype)

@@ -129,7 +129,8 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
 
     `scale` and `softcap` are the family's score scale and soft cap (ModelConfig.attn_scale /
     attn_softcap). `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v
-    [B, K, S, H] (models/cache.py), kv_positions, kv_segment_ids [B, S]). The tokens attend the cache
+    [B, K, S, H] (models/cache.py), kv_positions, kv_segment_ids [B, S], and the layer's shared prefix
+    (k, v, positions, segment_ids) or None: KVCache.prefix). The tokens attend the cache
     and themselves; their own keys and values are returned for the caller to write into the cache
     after the layer scan, so that the scan only reads the cache (writing the stacked cache inside the
     scan made XLA copy all of it at every layer: 10x slower decoding).
@@ -142,11 +143,11 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
                         implementation=attn_impl)
         x, stats = finish_layer(block, x, out, r, segment_ids)
         return x, None, None, stats
-    k_cache, v_cache, kv_positions, kv_segments = kv
+    k_cache, v_cache, kv_positions, kv_segments, prefix = kv
     out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
                            v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                            q_positions=positions, kv_positions=kv_positions, sliding_window=window,
-                           scale=scale, softcap=softcap, implementation=attn_impl)
+                           scale=scale, softcap=softcap, implementation=attn_impl, prefix=prefix)
     x, stats = finish_layer(block, x, out, r, segment_ids)
     return x, k, v, stats
 
@@ -399,19 +400,23 @@ class DecoderLM(nnx.Module):
 
         def make_cached_step(graphdef, block_class):
             def cached_body(x, xs):
-                state, (window, rope_id, k_layer, v_layer) = xs
+                state, (window, rope_id, k_layer, v_layer, shared) = xs
                 block = nnx.merge(graphdef, state)
                 cos, sin = layer_rope(rope_id)
                 # this layer's cache, materialized: fused into the attention's reductions, the slice of
                 # the stacked cache was indexed element by element
                 k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
-                kv = (k_layer, v_layer, cache.positions, cache.segment_ids)
+                if shared is not None:
+                    shared = (*shared, prefix.positions, prefix.segment_ids)
+                kv = (k_layer, v_layer, cache.positions, cache.segment_ids, shared)
                 x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
                 return x, (k, v)
 
             return cached_body
 
-        k_new, v_new = over_layers(make_cached_step, (windows, rope_ids, cache.k, cache.v))
+        prefix = cache.prefix
+        shared = None if prefix is None else (prefix.k, prefix.v)
+        k_new, v_new = over_layers(make_cached_step, (windows, rope_ids, cache.k, cache.v, shared))
 
         def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
             return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),
@@ -420,5 +425,5 @@ class DecoderLM(nnx.Module):
         new_cache = KVCache(k=write(cache.k, k_new), v=write(cache.v, v_new),
                             positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)),
                             segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
-                            index=index + input_ids.shape[1])
+                            index=index + input_ids.shape[1], prefix=prefix)
         return x, new_cache, None
