@@ -157,21 +157,23 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k=0, top_p
     scores (`draw`; no sort)."""
     settings = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
                 "min_p": jnp.float32(min_p), "repetition_penalty": jnp.float32(repetition_penalty)}
-    return _next_token(logits, key, settings, seen)
+    return _next_token(logits, key, settings, seen)[0]
 
 
 _BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
 
 
-def draw(key: jax.Array, scores: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+def draw(key: jax.Array, scores: jax.Array, rows: jax.Array | None = None, *, with_logp: bool = False):
     """One token per row [B] drawn from softmax(scores [B, V]) (-inf: never drawn) by inverting the
     CDF at one uniform per row, in two levels (which block of 256 tokens, then which token in it):
     two passes over the vocabulary and B random numbers, where a Gumbel-max draw needs B x V of
     them (60 ms against 2 ms per step for 64 rows x 49k tokens on a CPU). With `rows` [B] (each
-    row's identity) a row's uniform comes from `key` folded with it, whatever rows share the batch."""
+    row's identity) a row's uniform comes from `key` folded with it, whatever rows share the batch.
+    `with_logp`: (tokens, log softmax(scores)[token] [B]) from the pass's own maximum and total."""
     b, v = scores.shape
     pad = -v % _BLOCK
-    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - peak)
     probs = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, _BLOCK)
     blocks = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [B, V / 256]
     if rows is None:
@@ -186,22 +188,42 @@ def draw(key: jax.Array, scores: jax.Array, rows: jax.Array | None = None) -> ja
     # rounding between the two levels may overshoot the block: stay on its last token with mass
     # (a token of probability 0 is never returned)
     last = jnp.max(jnp.where(inner > 0, jnp.arange(_BLOCK), -1), axis=-1)
-    token = block * _BLOCK + jnp.minimum(within, last)
-    return jnp.where(last >= 0, token, jnp.argmax(scores, axis=-1)).astype(jnp.int32)
+    token = (block * _BLOCK + jnp.minimum(within, last)).astype(jnp.int32)
+    # a row whose drawn block holds no mass (its scores are not finite) takes the argmax: a vocabulary
+    # pass that only such a step pays
+    token = jax.lax.cond(jnp.all(last >= 0), lambda: token,
+                         lambda: jnp.where(last >= 0, token, jnp.argmax(scores, axis=-1)).astype(jnp.int32))
+    if not with_logp:
+        return token
+    # log softmax(scores)[token] from the draw's own maximum and total: no second pass over the vocabulary
+    drawn = jnp.take_along_axis(scores, token[:, None], axis=-1)[:, 0]
+    return token, drawn - peak[:, 0] - jnp.log(blocks[:, -1])
 
 
 def _next_token(logits, key, settings, seen, rows=None):
+    """(the next tokens [B], each one's log-prob under softmax(logits / temperature) [B], `token_logps`)."""
+    temperature = settings["temperature"]
+
     def sampled(logits):
-        return draw(key, process_logits(logits, settings, seen), rows)
+        scores = process_logits(logits, settings, seen)
+        token, logp = draw(key, scores, rows, with_logp=True)
+        # the draw's log-probs are the policy's where no penalty or filter changed the scores
+        vocab = logits.shape[-1]
+        filtered = ((settings["top_k"] > 0) & (settings["top_k"] < vocab)) | (settings["top_p"] < 1.0) \
+            | (settings["min_p"] > 0.0)
+        if seen is not None:
+            filtered = filtered | (settings["repetition_penalty"] != 1.0)
+        return token, jax.lax.cond(filtered, lambda: token_logps(logits, token, temperature), lambda: logp)
 
     def greedy(logits):
         scores = logits.astype(jnp.float32)
         if seen is not None:
             penalty = settings["repetition_penalty"]
             scores = jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        return token, token_logps(logits, token, temperature)
 
-    return jax.lax.cond(settings["temperature"] > 0, sampled, greedy, logits)
+    return jax.lax.cond(temperature > 0, sampled, greedy, logits)
 
 
 def token_logps(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
@@ -291,8 +313,8 @@ def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Ar
         per-row outputs are written in place, with no scatter over rows that may be sharded."""
         step, key, (logits, cache, pos, seen, done, row), (tokens, logps, lengths) = carry
         key, step_key = jax.random.split(key)
-        token = _next_token(logits, step_key, settings, seen, row)
-        logp = jnp.where(done, 0.0, token_logps(logits, token, settings["temperature"]))
+        token, logp = _next_token(logits, step_key, settings, seen, row)
+        logp = jnp.where(done, 0.0, logp)
         token = jnp.where(done, pad_id, token)
         if identity:
             tokens, logps = tokens.at[:, step].set(token), logps.at[:, step].set(logp)
@@ -308,18 +330,27 @@ def sample(model, prompt_ids: jax.Array, prompt_segments: jax.Array, key: jax.Ar
         return step + 1, key, (model.logits(hidden[:, 0]), cache, pos, seen, done, row), (tokens, logps, lengths)
 
     sizes = compaction_sizes(rows) if (_compacts(rows) if compact is None else compact) else [rows]
-    carry = (jnp.int32(0), key, live, out)
-    for phase, size in enumerate(sizes):
+
+    def phases(carry, phase: int):
+        """The decode loop from phase `phase` on: its rows (the live ones gathered into `sizes[phase]`
+        slots after the first phase) until they fit the next phase's, which runs only if rows are
+        left to decode (a gather of the cache costs what a few decode steps do)."""
         if phase:
-            carry = carry[:2] + (_keep_live(carry[2], size),) + carry[3:]
+            carry = carry[:2] + (_keep_live(carry[2], sizes[phase]),) + carry[3:]
         after = sizes[phase + 1] if phase + 1 < len(sizes) else 0  # leave once the live rows fit the next size
 
-        def cond(carry, after=after):
+        def cond(carry):
             step, _, live, _ = carry
             return (step < max_new_tokens) & (jnp.sum(~live[4]) > after)
 
         carry = jax.lax.while_loop(cond, functools.partial(body, identity=phase == 0), carry)
-    tokens, logps, lengths = carry[3]
+        if not after:
+            return carry[3]
+        step, _, live, _ = carry
+        return jax.lax.cond((step < max_new_tokens) & jnp.any(~live[4]), functools.partial(phases, phase=phase + 1),
+                            lambda carry: carry[3], carry)
+
+    tokens, logps, lengths = phases((jnp.int32(0), key, live, out), 0)
     finished = jnp.isin(jnp.take_along_axis(tokens, lengths[:, None] - 1, axis=1)[:, 0], eos)
     return SampleOutput(tokens, lengths, finished, logps)
 

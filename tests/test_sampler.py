@@ -82,14 +82,17 @@ def tiny(tiny_lm):
 PROMPTS = [[1, 2, 3, 4, 9, 11], [7, 8], [12, 13, 14]]
 
 
-def test_returned_log_probs_equal_a_teacher_forced_forward(tiny):
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2),
+                                 SamplingConfig(temperature=0.7)])
+def test_returned_log_probs_equal_a_teacher_forced_forward(tiny, cfg):
     """Each sampled token's log-prob (log softmax(logits / temperature)) equals the one a full forward
-    over prompt + completion gives: the same products, cached or not (fp32, 1e-5)."""
+    over prompt + completion gives: the same products, cached or not (fp32, 1e-5), whichever part of
+    the cache a step reads (20 slots: widths 8, 16, 20), and whether it comes from the draw's own
+    pass (no filter) or from the logits (filters and penalty on)."""
     ids, seg = left_pad(PROMPTS, 0, 8)
-    cfg = SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
-    out = jax.jit(lambda i, s, k: sample(tiny, i, s, k, cfg.traced(), max_new_tokens=10, eos_ids=(5,), pad_id=0,
+    out = jax.jit(lambda i, s, k: sample(tiny, i, s, k, cfg.traced(), max_new_tokens=20, eos_ids=(5,), pad_id=0,
                                          num_generations=2))(jnp.asarray(ids), jnp.asarray(seg), jax.random.key(3))
-    assert out.tokens.shape == (6, 10) and out.lengths.min() >= 1
+    assert out.tokens.shape == (6, 20) and out.lengths.min() >= 1 and out.lengths.max() > 16
     for row in range(6):
         prompt = PROMPTS[row // 2]
         n = int(out.lengths[row])

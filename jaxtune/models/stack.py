@@ -5,6 +5,7 @@ cache, per-layer windows), the embedding / head plumbing and the losses (`Decode
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 
 from jaxtune.kernels.attention import OWN_VJP, TRACED_WINDOW, attention, cached_attention
 from jaxtune.models import rope as rope_lib
-from jaxtune.models.cache import KVCache
+from jaxtune.models.cache import KVCache, cache_widths
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.layers import Embed, Linear
 
@@ -128,10 +129,10 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
     `block.finish`: (x, k, v, router statistics or None).
 
     `scale` and `softcap` are the family's score scale and soft cap (ModelConfig.attn_scale /
-    attn_softcap). `kv` is None (no cache) or this layer's cache as it was before these tokens: (k, v
-    [B, K, S, H] (models/cache.py), kv_positions, kv_segment_ids [B, S], and the layer's shared prefix
-    (k, v, positions, segment_ids) or None: KVCache.prefix). The tokens attend the cache
-    and themselves; their own keys and values are returned for the caller to write into the cache
+    attn_softcap). `kv` is None (no cache) or, with a cache, a function (q, k, v) -> the tokens' attention over
+    this layer's cache as it was before them and over themselves (`DecoderLM._run` reads the layer's
+    slots from the stacked cache and calls `cached_attention`). The tokens' own keys and values are
+    returned for the caller to write into the cache
     after the layer scan, so that the scan only reads the cache (writing the stacked cache inside the
     scan made XLA copy all of it at every layer: 10x slower decoding).
     """
@@ -143,11 +144,7 @@ def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, a
                         implementation=attn_impl)
         x, stats = finish_layer(block, x, out, r, segment_ids)
         return x, None, None, stats
-    k_cache, v_cache, kv_positions, kv_segments, prefix = kv
-    out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), k_cache.astype(q.dtype),
-                           v_cache.astype(q.dtype), q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
-                           q_positions=positions, kv_positions=kv_positions, sliding_window=window,
-                           scale=scale, softcap=softcap, implementation=attn_impl, prefix=prefix)
+    out = kv(q, k.astype(q.dtype), v.astype(q.dtype))
     x, stats = finish_layer(block, x, out, r, segment_ids)
     return x, k, v, stats
 
@@ -398,25 +395,46 @@ class DecoderLM(nnx.Module):
 
         index = cache.index
 
+        # A decode step reads only the filled part of the cache, rounded up to one of a few widths (one
+        # branch each): its keys and values are most of a decode step's memory traffic.
+        widths = cache_widths(cache.length) if input_ids.shape[1] == 1 else [cache.length]
+        part = jnp.minimum(index // widths[0], len(widths) - 1)
+
         def make_cached_step(graphdef, block_class):
             def cached_body(x, xs):
-                state, (window, rope_id, k_layer, v_layer, shared) = xs
+                state, (window, rope_id, layer, shared) = xs
                 block = nnx.merge(graphdef, state)
                 cos, sin = layer_rope(rope_id)
-                # this layer's cache, materialized: fused into the attention's reductions, the slice of
-                # the stacked cache was indexed element by element
-                k_layer, v_layer = jax.lax.optimization_barrier((k_layer, v_layer))
                 if shared is not None:
                     shared = (*shared, prefix.positions, prefix.segment_ids)
-                kv = (k_layer, v_layer, cache.positions, cache.segment_ids, shared)
-                x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=kv, **common)
+
+                def attend(q, k, v):
+                    def over(width, q, k, v):
+                        def read(stacked):
+                            return jax.lax.dynamic_slice(stacked, (layer, 0, 0, 0, 0), (1, *stacked.shape[1:3], width,
+                                                                                         stacked.shape[4]))[0]
+                        # this layer's cache, materialized: fused into the attention's reductions, the
+                        # slice of the stacked cache was indexed element by element
+                        k_layer, v_layer = jax.lax.optimization_barrier((read(cache.k), read(cache.v)))
+                        return cached_attention(q, k, v, k_layer.astype(q.dtype), v_layer.astype(q.dtype),
+                                                q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids[:, :width],
+                                                q_positions=positions, kv_positions=cache.positions[:, :width],
+                                                sliding_window=layer_window(window), scale=cfg.attn_scale,
+                                                softcap=cfg.attn_softcap, implementation=self.attn_implementation,
+                                                prefix=shared)
+                    if len(widths) == 1:
+                        return over(widths[0], q, k, v)
+                    return jax.lax.switch(part, [functools.partial(over, w) for w in widths], q, k, v)
+
+                x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=attend,
+                                             **common)
                 return x, (k, v)
 
             return cached_body
 
         prefix = cache.prefix
         shared = None if prefix is None else (prefix.k, prefix.v)
-        k_new, v_new = over_layers(make_cached_step, (windows, rope_ids, cache.k, cache.v, shared))
+        k_new, v_new = over_layers(make_cached_step, (windows, rope_ids, jnp.arange(cfg.num_layers), shared))
 
         def write(stacked, new):  # [L, B, T, K, H] -> the cache's [L, B, K, T, H] slots at index
             return jax.lax.dynamic_update_slice(stacked, jnp.swapaxes(new, 2, 3).astype(stacked.dtype),
