@@ -135,6 +135,12 @@ def _min_p(scores: jax.Array, min_p: jax.Array) -> jax.Array:
     return jnp.where(keep, scores, -jnp.inf)
 
 
+def _filters_on(settings: dict, vocab: int) -> dict:
+    """Which of top-k, top-p and min-p are on (traced booleans): the others leave the scores as they are."""
+    k = settings["top_k"]
+    return {"top_k": (k > 0) & (k < vocab), "top_p": settings["top_p"] < 1.0, "min_p": settings["min_p"] > 0.0}
+
+
 def process_logits(logits: jax.Array, settings: dict, seen: jax.Array | None = None) -> jax.Array:
     """The scores sampling draws from [B, V] (float32), in transformers' order: repetition penalty on
     the `seen` tokens, temperature, top-k, top-p, min-p. Filters that are off are skipped."""
@@ -144,11 +150,10 @@ def process_logits(logits: jax.Array, settings: dict, seen: jax.Array | None = N
         penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
         scores = jnp.where(seen, penalized, scores)
     scores = scores / jnp.maximum(settings["temperature"], 1e-6)
-    vocab = scores.shape[-1]
-    k = settings["top_k"]
-    scores = jax.lax.cond((k > 0) & (k < vocab), lambda s: _top_k(s, k), lambda s: s, scores)
-    scores = jax.lax.cond(settings["top_p"] < 1.0, lambda s: _top_p(s, settings["top_p"]), lambda s: s, scores)
-    return jax.lax.cond(settings["min_p"] > 0.0, lambda s: _min_p(s, settings["min_p"]), lambda s: s, scores)
+    on = _filters_on(settings, scores.shape[-1])
+    scores = jax.lax.cond(on["top_k"], lambda s: _top_k(s, settings["top_k"]), lambda s: s, scores)
+    scores = jax.lax.cond(on["top_p"], lambda s: _top_p(s, settings["top_p"]), lambda s: s, scores)
+    return jax.lax.cond(on["min_p"], lambda s: _min_p(s, settings["min_p"]), lambda s: s, scores)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k=0, top_p=1.0, min_p=0.0,
@@ -208,9 +213,8 @@ def _next_token(logits, key, settings, seen, rows=None):
         scores = process_logits(logits, settings, seen)
         token, logp = draw(key, scores, rows, with_logp=True)
         # the draw's log-probs are the policy's where no penalty or filter changed the scores
-        vocab = logits.shape[-1]
-        filtered = ((settings["top_k"] > 0) & (settings["top_k"] < vocab)) | (settings["top_p"] < 1.0) \
-            | (settings["min_p"] > 0.0)
+        on = _filters_on(settings, logits.shape[-1])
+        filtered = on["top_k"] | on["top_p"] | on["min_p"]
         if seen is not None:
             filtered = filtered | (settings["repetition_penalty"] != 1.0)
         return token, jax.lax.cond(filtered, lambda: token_logps(logits, token, temperature), lambda: logp)

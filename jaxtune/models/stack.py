@@ -123,29 +123,16 @@ def finish_layer(block, x, out, r, segment_ids):
     return block.finish(x, out, r), None
 
 
-def layer_attention(block, x, *, cos, sin, positions, segment_ids, window, kv, attn_impl, scale=None, softcap=None,
-                    rng=None):
-    """One decoder layer of any family: `block.qkv`, attention (with this layer's cache when decoding),
-    `block.finish`: (x, k, v, router statistics or None).
-
-    `scale` and `softcap` are the family's score scale and soft cap (ModelConfig.attn_scale /
-    attn_softcap). `kv` is None (no cache) or, with a cache, a function (q, k, v) -> the tokens' attention over
-    this layer's cache as it was before them and over themselves (`DecoderLM._run` reads the layer's
-    slots from the stacked cache and calls `cached_attention`). The tokens' own keys and values are
-    returned for the caller to write into the cache
-    after the layer scan, so that the scan only reads the cache (writing the stacked cache inside the
-    scan made XLA copy all of it at every layer: 10x slower decoding).
-    """
+def layer_attention(block, x, attend, *, cos, sin, segment_ids, rng=None):
+    """One decoder layer of any family: `block.qkv`, `attend(q, k, v)` (the layer's attention, built by
+    `DecoderLM._run`: over the tokens themselves, or over this layer's cache as it was before them and
+    over themselves), `block.finish`: (x, k, v, router statistics or None). With a cache, the caller
+    writes the returned keys and values into it after the layer scan, so that the scan only reads the
+    cache (writing the stacked cache inside the scan made XLA copy all of it at every layer: 10x
+    slower decoding)."""
     r = block.dropout_keys(rng)
     q, k, v = block.qkv(x, cos, sin, r)
-    if kv is None:
-        out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                        kv_positions=positions, sliding_window=window, scale=scale, softcap=softcap,
-                        implementation=attn_impl)
-        x, stats = finish_layer(block, x, out, r, segment_ids)
-        return x, None, None, stats
-    out = kv(q, k.astype(q.dtype), v.astype(q.dtype))
-    x, stats = finish_layer(block, x, out, r, segment_ids)
+    x, stats = finish_layer(block, x, attend(q, k, v), r, segment_ids)
     return x, k, v, stats
 
 
@@ -311,8 +298,12 @@ class DecoderLM(nnx.Module):
         def layer_window(traced):
             return cfg.sliding_windows[0] if static else traced
 
-        common = dict(positions=positions, segment_ids=segment_ids, attn_impl=self.attn_implementation,
-                      scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+        def self_attention(window):
+            """A layer's attention over the tokens themselves (no cache)."""
+            return functools.partial(attention, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                     q_positions=positions, kv_positions=positions, sliding_window=layer_window(window),
+                                     scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                                     implementation=self.attn_implementation)
         stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if hasattr(self, name)}
 
         def over_layers(make_step, per_layer):
@@ -367,8 +358,8 @@ class DecoderLM(nnx.Module):
                     state, (window, rope_id, key) = xs
                     block = nnx.merge(graphdef, state)
                     cos, sin = layer_rope(rope_id)
-                    x, _, _, stats = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=None,
-                                                     rng=key, **common)
+                    x, _, _, stats = layer_attention(block, x, self_attention(window), cos=cos, sin=sin,
+                                                     segment_ids=segment_ids, rng=key)
                     return x, stats
 
                 def split_body(x, xs):
@@ -379,10 +370,7 @@ class DecoderLM(nnx.Module):
                     cos, sin = layer_rope(rope_id)
                     q, k, v = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).qkv(x, cos, sin, r),
                                              policy=policy, prevent_cse=False)(state, x)
-                    out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                    q_positions=positions, kv_positions=positions,
-                                    sliding_window=layer_window(window), scale=cfg.attn_scale,
-                                    softcap=cfg.attn_softcap, implementation=self.attn_implementation)
+                    out = self_attention(window)(q, k, v)
                     return jax.checkpoint(lambda s, x, out: finish_layer(nnx.merge(graphdef, s), x, out, r, segment_ids),
                                           policy=policy, prevent_cse=False)(state, x, out)
 
@@ -409,6 +397,8 @@ class DecoderLM(nnx.Module):
                     shared = (*shared, prefix.positions, prefix.segment_ids)
 
                 def attend(q, k, v):
+                    k, v = k.astype(q.dtype), v.astype(q.dtype)
+
                     def over(width, q, k, v):
                         def read(stacked):
                             return jax.lax.dynamic_slice(stacked, (layer, 0, 0, 0, 0), (1, *stacked.shape[1:3], width,
@@ -426,8 +416,7 @@ class DecoderLM(nnx.Module):
                         return over(widths[0], q, k, v)
                     return jax.lax.switch(part, [functools.partial(over, w) for w in widths], q, k, v)
 
-                x, k, v, _ = layer_attention(block, x, cos=cos, sin=sin, window=layer_window(window), kv=attend,
-                                             **common)
+                x, k, v, _ = layer_attention(block, x, attend, cos=cos, sin=sin, segment_ids=segment_ids)
                 return x, (k, v)
 
             return cached_body
