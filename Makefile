@@ -32,11 +32,15 @@ demo: setup
 	$(JAXTUNE) convert --bundled smollm2
 	$(PY) scripts/quickstart.py
 
+# Two workers, one test file each at a time (a file's module fixtures are built once): a single
+# process keeps about one of two cores busy (compilation is single-threaded).
+TEST_WORKERS ?= 2
+
 test: setup-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup-test
 	$(PY) scripts/bench_inference.py

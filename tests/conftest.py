@@ -26,6 +26,9 @@ if margins.ENABLED:
     def pytest_runtest_setup(item):
         margins.set_test(item.nodeid)
 
+    def pytest_sessionstart(session):
+        margins.start(os.environ["JAXTUNE_MARGINS"])
+
     def pytest_sessionfinish(session):
         margins.write(os.environ["JAXTUNE_MARGINS"])
 

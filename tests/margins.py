@@ -73,11 +73,27 @@ def set_test(nodeid: str) -> None:
     _current["test"] = nodeid
 
 
+def start(path: str) -> None:
+    """A new session (pytest's own process, not an xdist worker): the file starts empty."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        Path(path).unlink(missing_ok=True)
+
+
 def write(path: str) -> None:
-    rows = sorted(_rows.items(), key=lambda kv: -kv[1])
-    with open(path, "w") as f:
+    """Merge this process's margins into `path` (xdist workers each add theirs, under a lock)."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        rows = dict(_rows)
+        for line in f.read().splitlines()[1:]:
+            ratio, site, test = line.split("\t")
+            rows[(test, site)] = max(rows.get((test, site), 0.0), float(ratio))
+        f.seek(0)
+        f.truncate()
         f.write("margin\tsite\ttest\n")
-        for (test, site), ratio in rows:
+        for (test, site), ratio in sorted(rows.items(), key=lambda kv: -kv[1]):
             f.write(f"{ratio:.3g}\t{site}\t{test}\n")
 
 
