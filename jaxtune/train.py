@@ -49,22 +49,18 @@ class TrainResult:
     exports: dict  # "hf" / "adapter" -> directory
 
 
-def run(cfg: Config) -> TrainResult:
-    """Train a config end to end: prepare data, build the model, train (resuming), export."""
+def build(cfg: Config):
+    """Everything training needs, before its first step: (trainer, model, spec, data, objective,
+    mesh plan, precision). Data is prepared (or read from its cache) and the model loaded and placed."""
     import jax
-    from flax import nnx
 
-    from jaxtune import bundled
     from jaxtune.build import build_model
-    from jaxtune.config.trackers import run_config, tracker_settings
-    from jaxtune.logging import MetricsWriter
     from jaxtune.objectives import objective_for
-    from jaxtune.peft.unfrozen import trained_parameters
-    from jaxtune.trainer import Trainer
-
     from jaxtune.parallel.distributed import initialize
     from jaxtune.parallel.experts import check_expert_parallel
     from jaxtune.parallel.mesh import loading_place, plan_for
+    from jaxtune.peft.unfrozen import trained_parameters
+    from jaxtune.trainer import Trainer
 
     initialize(cfg)
     output_dir = Path(cfg.output_dir)
@@ -79,6 +75,20 @@ def run(cfg: Config) -> TrainResult:
     trains, masks = trained_parameters(cfg, model, spec)
     trainer = Trainer(cfg, model, spec, objective, data, trainable_filter=trains, update_masks=masks,
                       output_dir=output_dir, mesh_plan=mesh_plan)
+    return trainer, model, spec, data, objective, mesh_plan, precision
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train a config end to end: prepare data, build the model, train (resuming), export."""
+    import jax
+    from flax import nnx
+
+    from jaxtune import bundled
+    from jaxtune.config.trackers import run_config, tracker_settings
+    from jaxtune.logging import MetricsWriter
+
+    trainer, model, spec, data, objective, mesh_plan, precision = build(cfg)
+    output_dir = Path(cfg.output_dir)
     plan = trainer.plan
     trained = sum(x.size for x in jax.tree.leaves(trainer.trainable))
     total = trained + sum(x.size for x in jax.tree.leaves(trainer.frozen))
