@@ -200,8 +200,7 @@ def worker_rollouts(args) -> dict:
     rate = {k: sum(tokens[k]) / sum(seconds[k]) for k in runs}
     rounds = [(tokens["jaxtune"][i] / seconds["jaxtune"][i]) / (tokens["trl"][i] / seconds["trl"][i])
               for i in range(args.rounds)]
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_inference import decode_matmul_seconds
+    from bench_inference import decode_matmul_seconds  # scripts/ is on the path (this file's folder)
 
     # the decode step's weight matmuls alone at all rows, in this process: the ceiling of any sampler here
     ceiling = len(repeated) / decode_matmul_seconds(ours.model.cfg, len(repeated), 5)
@@ -290,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work")
     parser.add_argument("--row-len", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.worker:
         kind, _, beta = args.worker.partition(":")
         result = {"jaxtune": lambda: worker_jaxtune(float(beta), args), "trl": lambda: worker_trl(float(beta), args),
