@@ -16,6 +16,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="jaxtune-test-datasets-"))
 # float32 references mean float32: on a GPU, XLA would otherwise multiply float32 in TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Three quarters of the suite's time is XLA compiling hundreds of small programs (measured:
+# test_train_step.py spends 105 of its 138 s in backend compiles). LLVM's optimization level 0 halves
+# those compiles; the programs compute the same operations (dots still run in XLA's library kernels,
+# only the fused elementwise loops are left unoptimized), and tiny test models run in milliseconds
+# either way. Tolerances are unaffected: they bound rounding, and FMA contraction or not stays within it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import margins  # noqa: E402  (JAXTUNE_MARGINS=file: how close each comparison sits to its tolerance)
 
@@ -31,6 +39,15 @@ if margins.ENABLED:
 
     def pytest_sessionfinish(session):
         margins.write(os.environ["JAXTUNE_MARGINS"])
+
+
+def cpu_env(devices: int | None = None, **extra: str) -> dict:
+    """The environment for a subprocess: this one's, JAX on the CPU, the suite's XLA flags, and
+    `devices` forced host devices when given."""
+    flags = os.environ["XLA_FLAGS"]
+    if devices is not None:
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
 
 
 def save_tiny(tmp_path: Path, config, name: str = "model", dtype=None, edit_config=None) -> Path:

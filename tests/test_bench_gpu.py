@@ -2,17 +2,17 @@
 shapes on the CPU, so the script is ready whenever a GPU is lent."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_gpu_smoke(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env()
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ with the optimizer state offloaded to host memory."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import textwrap
 import pytest
 from transformers import LlamaConfig
 
-from tests.conftest import save_tiny
+from conftest import cpu_env, save_tiny
 
 SCRIPT = textwrap.dedent(
     """
@@ -117,7 +116,7 @@ FAMILY_MESHES = ("fsdp4_sequence2", "data2_fsdp2_tensor2")
 def _mesh_runs(path, adapter, meshes: tuple[str, ...] | None = None) -> dict:
     """Each mesh's run of SCRIPT (8 forced CPU devices; `meshes`: only those) checked against the
     single-device run."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     extra = [",".join(meshes)] if meshes is not None else []
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), adapter, *extra], capture_output=True, text=True,
                           env=env, timeout=600)

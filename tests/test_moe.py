@@ -6,7 +6,6 @@ PEFT, HF -> jaxtune -> HF bit-exact (one checkpoint tensor per expert and part),
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_updates_close, hf_logits, save_tiny
+from conftest import assert_updates_close, cpu_env, hf_logits, save_tiny
 from families import check_greedy_matches_transformers, check_qlora_trains_and_adapter_loads, check_round_trip_is_bit_exact
 from flax import nnx
 from test_train_step import LOSS_RTOL, OPTIM, _batch, _jax_steps, _stack, _torch_steps
@@ -432,7 +431,7 @@ def test_expert_parallel_equals_one_device(tmp_path):
     path = save_tiny(tmp_path, _config(Qwen3MoeConfig, **dict(QWEN3_MIXED, vocab_size=128, num_experts=8,
                                                                num_experts_per_tok=2, max_position_embeddings=128)),
                      "qwen3moe8")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", EP_SCRIPT, str(path)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,6 @@ CPU devices):
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
+
+from conftest import cpu_env
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_train.jsonl"
 
@@ -42,8 +43,7 @@ def _config(tmp_path: Path, model_dir: Path, name: str, **keys) -> Path:
 
 
 def _launch(config: Path, devices: int, extra_env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           **(extra_env or {})}
+    env = cpu_env(devices, **(extra_env or {}))
     return subprocess.Popen([sys.executable, "-m", "jaxtune.train", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_updates_close, save_tiny
+from conftest import assert_updates_close, cpu_env, save_tiny
 
 from jaxtune.config import ConfigError, build_config
 
@@ -467,11 +467,10 @@ def test_sharded_dpo_equals_one_device(tiny96):
     """DPO with LoRA (reference: adapters off, in the step) on fsdp=4 x sequence=2 (ring attention over
     rows of shared prompts, per-row reference arrays placed per row) and data=2 x fsdp=2 x tensor=2,
     8 forced CPU devices, equals one device: losses and metrics of 4 steps, 1e-5."""
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(tiny96)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

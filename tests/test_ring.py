@@ -6,7 +6,6 @@ token layouts (8 forced CPU devices, in a subprocess); the balanced layout itsel
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ import numpy as np
 from jaxtune.data.chat import IGNORE
 from jaxtune.objectives.sft import next_token_labels
 from jaxtune.parallel.sequence import balance, balanced_order
+
+from conftest import cpu_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -68,7 +69,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_ring_attention_equals_reference():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
 from transformers import LlamaConfig
 
-from tests.conftest import save_tiny
+from conftest import cpu_env, save_tiny
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,7 +45,7 @@ SCRIPT = textwrap.dedent(
 def test_sampler_with_parameters_sharded_over_a_mesh(tmp_path):
     path = save_tiny(tmp_path, LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cpu_env(4)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,7 +91,7 @@ def test_rollouts_on_the_training_mesh_equal_one_device(tmp_path):
     prompt from one shared prefill: the same tokens and log-probs as on one device."""
     path = save_tiny(tmp_path, LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     proc = subprocess.run([sys.executable, "-c", ROLLOUT, str(path)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

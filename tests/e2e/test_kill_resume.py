@@ -8,7 +8,6 @@ completions (the rollout keys and the prompt loader are part of the checkpoint).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
+
+from conftest import cpu_env
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DATA = CONFIGS / "data"
@@ -50,7 +51,7 @@ def _write_config(tmp_path: Path, name: str, model_dir: Path, kind: str) -> Path
 
 
 def _train(config: Path) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     # run from configs/, where GRPO's reward module is (imported from the working directory, as Axolotl does)
     return subprocess.Popen([sys.executable, "-m", "jaxtune.train", "--config", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(CONFIGS))
