@@ -16,14 +16,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="jaxtune-test-datasets-"))
 # float32 references mean float32: on a GPU, XLA would otherwise multiply float32 in TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-# Three quarters of the suite's time is XLA compiling hundreds of small programs (measured:
-# test_train_step.py spends 105 of its 138 s in backend compiles). LLVM's optimization level 0 halves
-# those compiles; the programs compute the same operations (dots still run in XLA's library kernels,
-# only the fused elementwise loops are left unoptimized), and tiny test models run in milliseconds
-# either way. Tolerances are unaffected: they bound rounding, and FMA contraction or not stays within it.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# Three quarters of the suite's time was XLA compiling hundreds of small programs (test_train_step.py:
+# 105 of its 138 s in backend compiles). Two XLA:CPU options cut that: LLVM's optimization level 0, and
+# the classic elemental emitters for fused loops instead of the newer MLIR fusion emitters (compiled
+# slower here). A tiny LoRA train step compiles in 0.5 s instead of 3.8 s and runs in 7-11 ms
+# instead of 2: tiny test models run in milliseconds either way (test_train_step.py 138 s -> 62 s).
+# The programs compute the same operations (dots still run in XLA's library kernels; only the
+# elementwise loops are emitted differently), so tolerances, which bound rounding, hold as before; a
+# user's run keeps XLA's defaults. A flag the caller's XLA_FLAGS already sets is left as it is.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+for _flag in TEST_XLA_FLAGS:
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import margins  # noqa: E402  (JAXTUNE_MARGINS=file: how close each comparison sits to its tolerance)
 
