@@ -47,14 +47,13 @@ if margins.ENABLED:
 
 def cpu_env(devices: int | None = None, *, xla_defaults: bool = False, **extra: str) -> dict:
     """The environment for a subprocess: this one's, JAX on the CPU, the suite's XLA flags (XLA's
-    defaults instead with `xla_defaults`, for runs timed as a user would run them), and `devices`
-    forced host devices when given."""
-    flags = os.environ["XLA_FLAGS"]
-    if xla_defaults:
-        flags = " ".join(f for f in flags.split() if f not in TEST_XLA_FLAGS)
+    defaults instead with `xla_defaults`, for runs timed as a user would run them), and exactly
+    `devices` forced host devices (one when None: a forced count in the caller's XLA_FLAGS is dropped)."""
+    drop = ("--xla_force_host_platform_device_count",) + (TEST_XLA_FLAGS if xla_defaults else ())
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(drop)]
     if devices is not None:
-        flags = f"{flags} --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip(), **extra}
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), **extra}
 
 
 def save_tiny(tmp_path: Path, config, name: str = "model", dtype=None, edit_config=None) -> Path:
