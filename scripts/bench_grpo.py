@@ -22,8 +22,10 @@ tokens, EOS off).
 
 Targets on the 2-core CPU: steps >= 2.5x faster than TRL's, rollout tokens/s >= 2.5x TRL's
 `transformers.generate`, peak RSS <= TRL's, sampling at temperature 1 within 10% of greedy. Where a
-target is out of reach, the ceiling line says why: the rollout's floor is its weight matmuls alone
-(each decode step's projections and head at 64 rows, as scripts/bench_inference.py measures them).
+target is out of reach, the ceiling lines say why: the rollout's floor is its weight matmuls alone
+(each decode step's projections and head at 64 rows, as scripts/bench_inference.py measures them; for
+the head-to-head rollouts also at only the rows still sampling at each position), and the sampler with
+EOS off (every row decoding every position) measures its decode step against that floor.
 
     .venv/bin/python scripts/bench_grpo.py [--steps 3] [--rounds 4] [--only all|jaxtune|trl|rollouts|sampler]
 """
@@ -31,6 +33,7 @@ target is out of reach, the ceiling line says why: the rollout's floor is its we
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -179,8 +182,11 @@ def worker_rollouts(args) -> dict:
     prompt_ids = [list(r["prompt_ids"]) for r in rollouts._prompts()]
     repeated = [p for p in prompt_ids for _ in range(G)]  # TRL samples each prompt's G rows as repeats
 
+    lengths = []  # jaxtune's completion lengths per timed rollout
+
     def jaxtune_rollout(i: int) -> int:
         out = rollouts._sample(ours.trainable, ours.frozen, prompt_ids, jax.random.fold_in(rollouts.key, i))
+        lengths.append([int(n) for n in out["lengths"]])
         return int(out["lengths"].sum())
 
     def trl_rollout(i: int) -> int:
@@ -201,11 +207,44 @@ def worker_rollouts(args) -> dict:
     rounds = [(tokens["jaxtune"][i] / seconds["jaxtune"][i]) / (tokens["trl"][i] / seconds["trl"][i])
               for i in range(args.rounds)]
     from bench_inference import decode_matmul_seconds  # scripts/ is on the path (this file's folder)
+    from jaxtune.generate import make_rollout
 
-    # the decode step's weight matmuls alone at all rows, in this process: the ceiling of any sampler here
+    # the same sampler with EOS off: every row samples every position (none leaves), the decode step's own
+    # speed, to set against its weight matmuls alone at all rows in this process (the ceiling of any
+    # sampler here that decodes every row every step)
+    full = copy.copy(rollouts)
+    full.sampler = make_rollout(ours.graphdef, max_new_tokens=MAX_NEW, eos_ids=[ours.model.cfg.vocab_size + 1],
+                                pad_id=rollouts.pad_id, num_generations=G)
+    full_s = []
+    for i in range(3):  # the first compiles
+        started = time.perf_counter()
+        full._sample(ours.trainable, ours.frozen, prompt_ids, jax.random.fold_in(rollouts.key, i))
+        full_s.append(time.perf_counter() - started)
     ceiling = len(repeated) / decode_matmul_seconds(ours.model.cfg, len(repeated), 5)
     return {"name": "rollouts", "tok_s": rate, "rounds": rounds, "ceiling": ceiling,
+            "all_rows_tok_s": len(repeated) * MAX_NEW / min(full_s[1:]),
+            # the same ceiling for a sampler that decodes every row until the rollout's longest completion ends
+            "no_drop_ceiling": ceiling * sum(tokens["jaxtune"]) / sum(len(r) * max(r) for r in lengths[1:]),
+            "live_ceiling": sum(tokens["jaxtune"]) / rollout_floor_seconds(ours.model.cfg, lengths[1:]),
             "mean_length": {k: sum(tokens[k]) / (len(tokens[k]) * len(repeated)) for k in runs}}
+
+
+def rollout_floor_seconds(cfg, lengths: list[list[int]]) -> float:
+    """A lower bound on the time of rollouts with these completion lengths: for each new token position,
+    one decode step's weight matmuls alone (decode_matmul_seconds) at only the rows that sample a token
+    there, as if a finished row left the batch at no cost. Timed at 1, 8, 16, ..., 64 rows; a position's
+    rows are rounded down to the nearest timed count (the matmuls take no less time for more rows)."""
+    from bench_inference import decode_matmul_seconds
+
+    rows = len(lengths[0])
+    counts = sorted({1, *range(8, rows + 1, 8)})
+    step_s = {n: decode_matmul_seconds(cfg, n, 5) for n in counts}
+    total = 0.0
+    for rollout in lengths:
+        for position in range(max(rollout)):
+            live = sum(n > position for n in rollout)
+            total += step_s[max(n for n in counts if n <= live)]
+    return total
 
 
 def worker_sampler(args) -> dict:
@@ -356,6 +395,19 @@ def main(argv=None) -> int:
               f"   (ceiling in that process: the decode step's weight matmuls alone at {PROMPTS * G} rows allow "
               f"{head['ceiling']:.0f} tok/s = {head['ceiling'] / head['tok_s']['trl']:.2f}x transformers.generate's; "
               f"jaxtune reaches {head['tok_s']['jaxtune'] / head['ceiling']:.0%} of it)")
+        live, step, no_drop = head["live_ceiling"], head["all_rows_tok_s"] / head["ceiling"], head["no_drop_ceiling"]
+        print(f"  ceiling of a sampler that decodes every row until the longest completion ends (as "
+              f"transformers.generate does) on these rollouts: {no_drop:.0f} tok/s = "
+              f"{no_drop / head['tok_s']['trl']:.2f}x transformers.generate's; beyond that only dropping finished "
+              f"rows gains")
+        print(f"  ceiling of these rollouts: each new token position's decode matmuls alone at only the rows still "
+              f"sampling there (finished rows dropped at no cost) allow {live:.0f} tok/s = "
+              f"{live / head['tok_s']['trl']:.2f}x transformers.generate's; jaxtune reaches "
+              f"{head['tok_s']['jaxtune'] / live:.0%} of it")
+        print(f"  jaxtune's decode step: with EOS off (all {PROMPTS * G} rows x {MAX_NEW} positions) the sampler makes "
+              f"{head['all_rows_tok_s']:.0f} tok/s (prefill included), {step:.0%} of its matmuls alone; at that "
+              f"step's speed, a sampler dropping finished rows at no cost would reach {step * live:.0f} tok/s = "
+              f"{step * live / head['tok_s']['trl']:.2f}x transformers.generate's on these rollouts")
     elif head:
         print(f"rollouts failed: {head['error'].strip().splitlines()[-1] if head['error'].strip() else '?'}")
     sampler = results.get("sampler")

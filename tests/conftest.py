@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,6 +56,18 @@ def cpu_env(devices: int | None = None, *, xla_defaults: bool = False, **extra: 
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), **extra}
+
+
+def run_example(config: Path, model_dir: Path, tmp_path: Path) -> list[dict]:
+    """A shipped example config trained as its user runs it (`python -m jaxtune.train --config ...`, XLA's
+    defaults: the suite's compile-speed flags would slow these long runs) from another working directory
+    (the config's relative paths resolve next to it), on `model_dir`, writing under `tmp_path`: the run's
+    metrics.jsonl records."""
+    proc = subprocess.run([sys.executable, "-m", "jaxtune.train", "--config", str(config), f"base_model={model_dir}",
+                           f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prep'}"],
+                          cwd=tmp_path, env=cpu_env(xla_defaults=True), capture_output=True, text=True, timeout=20 * 60)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
 def save_tiny(tmp_path: Path, config, name: str = "model", dtype=None, edit_config=None) -> Path:
