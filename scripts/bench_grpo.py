@@ -220,30 +220,28 @@ def worker_rollouts(args) -> dict:
         started = time.perf_counter()
         full._sample(ours.trainable, ours.frozen, prompt_ids, jax.random.fold_in(rollouts.key, i))
         full_s.append(time.perf_counter() - started)
-    ceiling = len(repeated) / decode_matmul_seconds(ours.model.cfg, len(repeated), 5)
+    # the decode step's weight matmuls alone, timed once at 1, 8, 16, ..., 64 rows
+    step_s = {n: decode_matmul_seconds(ours.model.cfg, n, 5) for n in sorted({1, *range(8, len(repeated) + 1, 8)})}
+    ceiling = len(repeated) / step_s[len(repeated)]
+    timed = lengths[1:]  # the rounds' rollouts (the first was the warm-up)
     return {"name": "rollouts", "tok_s": rate, "rounds": rounds, "ceiling": ceiling,
             "all_rows_tok_s": len(repeated) * MAX_NEW / min(full_s[1:]),
             # the same ceiling for a sampler that decodes every row until the rollout's longest completion ends
-            "no_drop_ceiling": ceiling * sum(tokens["jaxtune"]) / sum(len(r) * max(r) for r in lengths[1:]),
-            "live_ceiling": sum(tokens["jaxtune"]) / rollout_floor_seconds(ours.model.cfg, lengths[1:]),
+            "no_drop_ceiling": ceiling * sum(tokens["jaxtune"]) / sum(len(r) * max(r) for r in timed),
+            "live_ceiling": sum(tokens["jaxtune"]) / rollout_floor_seconds(step_s, timed),
             "mean_length": {k: sum(tokens[k]) / (len(tokens[k]) * len(repeated)) for k in runs}}
 
 
-def rollout_floor_seconds(cfg, lengths: list[list[int]]) -> float:
+def rollout_floor_seconds(step_s: dict[int, float], lengths: list[list[int]]) -> float:
     """A lower bound on the time of rollouts with these completion lengths: for each new token position,
-    one decode step's weight matmuls alone (decode_matmul_seconds) at only the rows that sample a token
-    there, as if a finished row left the batch at no cost. Timed at 1, 8, 16, ..., 64 rows; a position's
-    rows are rounded down to the nearest timed count (the matmuls take no less time for more rows)."""
-    from bench_inference import decode_matmul_seconds
-
-    rows = len(lengths[0])
-    counts = sorted({1, *range(8, rows + 1, 8)})
-    step_s = {n: decode_matmul_seconds(cfg, n, 5) for n in counts}
+    one decode step's weight matmuls alone at only the rows that sample a token there, as if a finished
+    row left the batch at no cost. `step_s`: those matmuls' seconds by row count; a position's rows are
+    rounded down to the nearest timed count (the matmuls take no less time for more rows)."""
     total = 0.0
     for rollout in lengths:
         for position in range(max(rollout)):
             live = sum(n > position for n in rollout)
-            total += step_s[max(n for n in counts if n <= live)]
+            total += step_s[max(n for n in step_s if n <= live)]
     return total
 
 
