@@ -369,13 +369,19 @@ def _keep_live(live: tuple, size: int) -> tuple:
 
 
 def make_rollout(graphdef, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, num_generations: int = 1,
-                 cache_dtype: Any = None):
+                 cache_dtype: Any = None, merge_adapters: bool = False):
     """A jitted (trainable, frozen, prompt_ids, prompt_segments, key, settings) -> SampleOutput for a
-    model split as (graphdef, trainable, frozen): one compile per prompt width."""
+    model split as (graphdef, trainable, frozen): one compile per prompt width. `merge_adapters`: the
+    rollout samples from its own copy of the weights with the LoRA adapters folded in
+    (`jaxtune.peft.lora.merge_for_sampling`, once per rollout), not with them live."""
     eos = tuple(sorted(set(int(e) for e in eos_ids)))
 
     def rollout(trainable, frozen, prompt_ids, prompt_segments, key, settings):
         model = nnx.merge(graphdef, trainable, frozen)
+        if merge_adapters:
+            from jaxtune.peft.lora import merge_for_sampling
+
+            merge_for_sampling(model)
         return sample(model, prompt_ids, prompt_segments, key, settings, max_new_tokens=max_new_tokens, eos_ids=eos,
                       pad_id=pad_id, num_generations=num_generations, cache_dtype=cache_dtype)
 

@@ -293,6 +293,21 @@ def host_memory(platform: str) -> int | None:
     return None
 
 
+def free_memory() -> int | None:
+    """Memory free now for one device of the default backend: the RAM available on CPU
+    (MemAvailable), the allocator's limit less what is in use on an accelerator; None when unknown."""
+    if jax.default_backend() == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return None
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
 def suggest_meshes(cfg, devices: int, device_memory: int, platform: str) -> list[tuple[str, int]]:
     """Meshes (as config keys) that fit, smallest total memory first: FSDP degrees over the
     devices, tensor parallelism where the heads divide, context parallelism for long sequences."""

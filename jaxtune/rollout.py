@@ -58,12 +58,38 @@ def _keep_rows(rows, _length):
     return list(rows)
 
 
+def merge_fits(model) -> bool:
+    """`rollout_merge_adapters`: whether a rollout can sample from a merged copy of the adapted kernels
+    (it needs their bytes again, on top of what training holds; the copy is freed when the rollout
+    ends). Warns and keeps the adapters live when free memory is short (under 20% headroom left) or
+    nothing can merge; names the adapters that stay live either way."""
+    from jaxtune.peft.lora import merged_kernel_bytes, unmerged_adapters
+    from jaxtune.plan import free_memory
+
+    live = unmerged_adapters(model)
+    if live:
+        warn_once(f"rollout_merge_adapters: {len(live)} adapted module(s) cannot merge and stay live in rollouts "
+                  f"(QLoRA's NF4 kernels, experts' adapters): {', '.join(live[:3])}{' ...' if len(live) > 3 else ''}")
+    need = merged_kernel_bytes(model)
+    if not need:
+        warn_once("rollout_merge_adapters: no adapter can merge (none on an unquantized projection); rollouts keep "
+                  "the adapters live")
+        return False
+    free = free_memory()
+    if free is not None and need > 0.8 * free:
+        warn_once(f"rollout_merge_adapters: the merged copy of the adapted kernels needs {need / 2**20:.1f} MiB per "
+                  f"device, {free / 2**20:.1f} MiB is free; rollouts keep the adapters live")
+        return False
+    info(f"rollouts sample from a merged copy of the adapted kernels ({need / 2**20:.1f} MiB per device)")
+    return True
+
+
 class Rollouts:
     """The GRPO batch source of `jaxtune.trainer.Trainer`: `next_step` gives the next optimizer step's
     host batch (a new rollout when the last one is used up) and the rollout's metrics: its A micro-batches
     as a list of [1, rows, length_a] (each its own length), or [1, rows, length] when A is 1."""
 
-    def __init__(self, cfg, data, objective, *, mesh, graphdef, eos_ids, output_dir: Path | None = None):
+    def __init__(self, cfg, data, objective, *, mesh, model, graphdef, eos_ids, output_dir: Path | None = None):
         s = cfg.grpo_settings
         self.cfg, self.objective, self.mesh, self.shape = cfg, objective, mesh, objective.shape
         self.tokenizer = data.tokenizer
@@ -76,8 +102,9 @@ class Rollouts:
         self.sampling = SamplingConfig(max_new_tokens=self.max_new, temperature=s.temperature, top_p=s.top_p,
                                        top_k=s.top_k, min_p=s.min_p or 0.0, repetition_penalty=s.repetition_penalty)
         self.eos = tuple(sorted(set(int(e) for e in eos_ids)))
+        self.merge_adapters = cfg.rollout_merge_adapters and merge_fits(model)
         self.sampler = make_rollout(graphdef, max_new_tokens=self.max_new, eos_ids=self.eos, pad_id=self.pad_id,
-                                    num_generations=self.shape.generations)
+                                    num_generations=self.shape.generations, merge_adapters=self.merge_adapters)
         self.rewards = RewardFunctions.load(s.reward_funcs, s.reward_weights, cfg.code_dirs[1:])
         self.scale, self.aggregation = s.scale, s.multi_objective_aggregation
         self.mask_truncated, self.skip_zero = s.mask_truncated_completions, s.skip_zero_advantage_batches

@@ -96,7 +96,7 @@ class Trainer:
             from jaxtune.rollout import Rollouts
 
             self.rollouts = Rollouts(cfg, data, objective, mesh=self.mesh, graphdef=self.graphdef,
-                                     eos_ids=eos_ids_for(model, data.tokenizer), output_dir=output_dir)
+                                     eos_ids=eos_ids_for(model, data.tokenizer), output_dir=output_dir, model=model)
             self.plan = make_plan(cfg, self.rollouts.steps_per_epoch * self.accum, self.rollouts.eval_rows is not None)
         else:
             self.loader = BatchLoader(data.train, batch_size=cfg.micro_batch_size * ranks, sequence_len=data.row_len,

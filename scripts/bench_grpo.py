@@ -169,8 +169,9 @@ def worker_trl(beta: float, args) -> dict:
 def worker_rollouts(args) -> dict:
     """Rollouts alone, head to head in one process on the same prompt rows: TRL's own
     (`GRPOTrainer._generate_single_turn`: transformers.generate on the PEFT model) against jaxtune's
-    (the GRPO trainer's sampler, LoRA adapters live), alternated so that a drift of the host's speed
-    favours neither. Each samples its own completions: the figure is completion tokens per second."""
+    (the GRPO trainer's sampler, LoRA adapters live; and with `rollout_merge_adapters`, the same draws
+    from merged weights), alternated so that a drift of the host's speed favours none. Each samples its
+    own completions: the figure is completion tokens per second."""
     import jax
     import torch
 
@@ -194,7 +195,17 @@ def worker_rollouts(args) -> dict:
         completion_ids, _ = theirs._generate_single_turn(repeated, None, {}, G)
         return sum(len(c) for c in completion_ids)
 
-    runs = {"trl": trl_rollout, "jaxtune": jaxtune_rollout}
+    from jaxtune.generate import make_rollout
+
+    merged = copy.copy(rollouts)  # rollout_merge_adapters: the same draws from W + scale A B
+    merged.sampler = make_rollout(ours.graphdef, max_new_tokens=MAX_NEW, eos_ids=rollouts.eos, pad_id=rollouts.pad_id,
+                                  num_generations=G, merge_adapters=True)
+
+    def merged_rollout(i: int) -> int:
+        out = merged._sample(ours.trainable, ours.frozen, prompt_ids, jax.random.fold_in(rollouts.key, i))
+        return int(out["lengths"].sum())
+
+    runs = {"trl": trl_rollout, "jaxtune": jaxtune_rollout, "merged": merged_rollout}
     for fn in runs.values():  # compile / warm up
         fn(0)
     tokens, seconds = {k: [] for k in runs}, {k: [] for k in runs}
@@ -207,7 +218,6 @@ def worker_rollouts(args) -> dict:
     rounds = [(tokens["jaxtune"][i] / seconds["jaxtune"][i]) / (tokens["trl"][i] / seconds["trl"][i])
               for i in range(args.rounds)]
     from bench_inference import decode_matmul_seconds  # scripts/ is on the path (this file's folder)
-    from jaxtune.generate import make_rollout
 
     # the same sampler with EOS off: every row samples every position (none leaves), the decode step's own
     # speed, to set against its weight matmuls alone at all rows in this process (the ceiling of any
@@ -393,6 +403,10 @@ def main(argv=None) -> int:
               f"   (ceiling in that process: the decode step's weight matmuls alone at {PROMPTS * G} rows allow "
               f"{head['ceiling']:.0f} tok/s = {head['ceiling'] / head['tok_s']['trl']:.2f}x transformers.generate's; "
               f"jaxtune reaches {head['tok_s']['jaxtune'] / head['ceiling']:.0%} of it)")
+        merged = head["tok_s"]["merged"] / head["tok_s"]["trl"]
+        print(f"  {'PASS' if merged >= TARGET_ROLLOUT else 'MISS'}  the same with rollout_merge_adapters (the adapters "
+              f"merged into a copy of the weights for each rollout): {head['tok_s']['merged']:.0f} tok/s = "
+              f"{merged:.2f}x transformers.generate")
         live, step, no_drop = head["live_ceiling"], head["all_rows_tok_s"] / head["ceiling"], head["no_drop_ceiling"]
         print(f"  ceiling of a sampler that decodes every row until the longest completion ends (as "
               f"transformers.generate does) on these rollouts: {no_drop:.0f} tok/s = "

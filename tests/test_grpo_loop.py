@@ -264,6 +264,63 @@ def test_sync_ref_model_mixes_the_reference_as_trl_does(workdir, tiny_words_dir)
     assert "reference" in trainer._state_tree()
 
 
+def test_rollouts_from_merged_adapters_sample_what_live_adapters_sample(workdir, tiny_words_dir, monkeypatch):
+    """rollout_merge_adapters: the rollout samples from W + scale A B (made inside the jitted rollout) and
+    gets the tokens live adapters get, with the same log-probs up to the products' rounding (fp32,
+    1e-5); the adapters really change the samples (B is not zero here); the merged kernels are the
+    export's layer by layer (what the merged safetensors hold), an ungated layer's unchanged; with too
+    little free memory the rollouts keep the adapters live, and say so; the key needs GRPO with LoRA."""
+    import copy
+    import logging
+
+    from jaxtune.generate import make_rollout
+    from jaxtune.rollout import merge_fits
+
+    from flax import nnx
+
+    from jaxtune.peft.lora import LoraLinear, merge_for_sampling
+
+    cfg = _config(workdir, tiny_words_dir, adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True,
+                  peft_layers_to_transform=[1], rollout_merge_adapters=True)  # gated: layer 0 has no adapter
+    trainer = _trainer(cfg)
+    rollouts = trainer.rollouts
+    assert rollouts.merge_adapters
+    noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(trainer.trainable))))
+    trainable = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(noise), a.shape, a.dtype), trainer.trainable)
+    live = copy.copy(rollouts)
+    live.sampler = make_rollout(trainer.graphdef, max_new_tokens=rollouts.max_new, eos_ids=rollouts.eos,
+                                pad_id=rollouts.pad_id, num_generations=rollouts.shape.generations)
+    prompts = [list(r["prompt_ids"]) for r in rollouts._prompts()]
+    key = jax.random.key(4)
+    merged, unmerged = rollouts._sample(trainable, trainer.frozen, prompts, key), live._sample(trainable, trainer.frozen,
+                                                                                              prompts, key)
+    np.testing.assert_array_equal(merged["tokens"], unmerged["tokens"])
+    np.testing.assert_array_equal(merged["lengths"], unmerged["lengths"])
+    np.testing.assert_allclose(merged["logps"], unmerged["logps"], rtol=1e-5, atol=1e-5)
+    fresh = live._sample(trainer.trainable, trainer.frozen, prompts, key)  # B = 0: the base model
+    assert not np.allclose(fresh["logps"], unmerged["logps"], atol=1e-3)
+    model = nnx.merge(trainer.graphdef, trainable, trainer.frozen)  # the merged kernels: the export's, layer by layer
+    want = {path: np.stack([m.merged_kernel(layer) for layer in range(2)]) for path, m in model.iter_modules()
+            if type(m) is LoraLinear}
+    assert merge_for_sampling(model) == len(want) == 7
+    for path, m in model.iter_modules():
+        if path in want:
+            np.testing.assert_allclose(np.asarray(m.kernel.get_value()), want[path], rtol=1e-6, atol=1e-6)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("jaxtune").addHandler(handler)
+    try:
+        monkeypatch.setattr("jaxtune.plan.free_memory", lambda: 1024)  # bytes
+        assert not merge_fits(trainer.model)
+    finally:
+        logging.getLogger("jaxtune").removeHandler(handler)
+    assert any("rollouts keep the adapters live" in r.getMessage() for r in records)
+    with pytest.raises(Exception, match="rollout_merge_adapters applies to rl: grpo with a LoRA adapter"):
+        _config(workdir, tiny_words_dir, rollout_merge_adapters=True)
+
+
 def test_row_buckets_pad_little_and_cover_the_longest_row():
     from jaxtune.rollout import row_buckets
 

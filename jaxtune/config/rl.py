@@ -121,6 +121,12 @@ class RLKeys(Section):
                                                               "loss_type).")
     prefix_sharing: bool = Field(True, description="Preference rows: lay a pair's prompt out once with both "
                                  "answers after it (exact; fewer tokens). false: two whole sequences per pair.")
+    rollout_merge_adapters: bool = Field(False, description="GRPO with LoRA (jaxtune): sample each rollout from a "
+                                         "copy of the weights with the adapters merged in (W + scale A B, made once "
+                                         "per rollout, freed after it) instead of live adapters: fewer products per "
+                                         "decode step, at the memory of one more copy of the adapted kernels. Falls "
+                                         "back to live adapters, with a warning, when that copy does not fit in free "
+                                         "memory; QLoRA's NF4 and experts' adapters always stay live.")
 
     @model_validator(mode="after")
     def _check_rl(self) -> RLKeys:
@@ -175,6 +181,9 @@ class RLKeys(Section):
         if self.rl == "kto" and self.kto_loss_type == "kto" and getattr(self, "micro_batch_size", 2) <= 1:
             raise ValueError("rl: kto needs micro_batch_size > 1: its KL baseline comes from the other completions "
                              "of the batch (with one, it would be the completion's own reward; TRL refuses it too)")
+        if self.rollout_merge_adapters and (not self.grpo or not getattr(self, "adapter", None)):
+            raise ValueError("rollout_merge_adapters applies to rl: grpo with a LoRA adapter "
+                             f"(rl is {self.rl}, adapter is {getattr(self, 'adapter', None)})")
         if self.rl is None and (self.rl_beta is not None or (self.trl and self.trl.beta is not None)):
             raise ValueError("rl_beta / trl.beta need an rl objective")
         return self

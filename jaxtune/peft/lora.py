@@ -250,6 +250,8 @@ class LoraLinear(Linear):
 
     def _forward(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
         y = super()._forward(x, rng)
+        if getattr(self, "lora_merged", False):  # the kernel holds the adapter (merge_for_sampling)
+            return y
         h = x
         if rng is not None and self.lora_dropout > 0:
             keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, h.shape)
@@ -261,6 +263,56 @@ class LoraLinear(Linear):
         delta = checkpoint_name(h @ a, "lora_hidden") @ b
         scale = self.lora_scale if self.lora_gate is None else self.lora_scale * self.lora_gate[...]
         return y + delta * jnp.asarray(scale, self.dtype)
+
+
+def merge_for_sampling(model) -> int:
+    """Fold each LoRA adapter of a plain (unquantized) projection into its kernel, in place: kernel +
+    scale * gate * A @ B for every layer of the stack, in float32, cast back to the kernel's dtype. The
+    projection then runs one product instead of three. For a sampler's own copy of the parameters
+    (GRPO's `rollout_merge_adapters`: traced inside the jitted rollout, the merged kernels live only
+    while it runs); a model merged here no longer trains its adapters. Returns how many projections
+    were merged (QLoRA's NF4 kernels and experts' adapters stay live: `unmerged_adapters`)."""
+    merged = 0
+    for _, module in model.iter_modules():
+        if type(module) is not LoraLinear or getattr(module, "lora_merged", False):
+            continue
+        a = module.lora_a.get_value().astype(jnp.float32)
+        b = module.lora_b.get_value().astype(jnp.float32)
+        scale = jnp.float32(module.lora_scale)
+        if module.lora_gate is not None:  # [layers]: an ungated layer's adapter adds nothing
+            scale = scale * module.lora_gate.get_value().astype(jnp.float32).reshape(-1, *([1] * (a.ndim - 1)))
+        kernel = module.kernel.get_value()
+        module.kernel.set_value((kernel.astype(jnp.float32) + scale * jnp.matmul(a, b)).astype(kernel.dtype))
+        module.lora_merged = True
+        merged += 1
+    return merged
+
+
+def unmerged_adapters(model) -> list[str]:
+    """The adapted modules `merge_for_sampling` leaves live (their paths): QLoRA's NF4 projections and
+    the adapters of stacked experts or other target parameters."""
+    live = []
+    for path, module in model.iter_modules():
+        if isinstance(module, (LoraLinear, LoraExpertLinear)) and type(module) is not LoraLinear:
+            live.append("/".join(str(p) for p in path))
+    return live
+
+
+def merged_kernel_bytes(model) -> int:
+    """The bytes `merge_for_sampling` adds on the device that holds the most of them: a new copy of
+    each merged kernel (sharded as the kernel is)."""
+    per_device: dict = {}
+    for _, module in model.iter_modules():
+        if type(module) is not LoraLinear:
+            continue
+        value = module.kernel.get_value()
+        shards = getattr(value, "addressable_shards", None)
+        if not shards:
+            per_device[None] = per_device.get(None, 0) + value.size * value.dtype.itemsize
+            continue
+        for shard in shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
 
 
 class NF4LoraLinear(LoraLinear, NF4Linear):
