@@ -278,15 +278,20 @@ def _reference_bytes(cfg, trainable, mesh, exclude) -> int:
     return 0 if kept is None else _state_bytes(kept, mesh, exclude)
 
 
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (Linux), None when unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def host_memory(platform: str) -> int | None:
     """This machine's memory for one device of `platform`: the RAM on CPU, the allocator's limit on
     an accelerator present here; None when unknown."""
     if platform == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        except (OSError, StopIteration):
-            return None
+        return _meminfo("MemTotal")
     if jax.default_backend() == platform:
         stats = jax.devices()[0].memory_stats() or {}
         return stats.get("bytes_limit")
@@ -297,11 +302,7 @@ def free_memory() -> int | None:
     """Memory free now for one device of the default backend: the RAM available on CPU
     (MemAvailable), the allocator's limit less what is in use on an accelerator; None when unknown."""
     if jax.default_backend() == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            return None
+        return _meminfo("MemAvailable")
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return None

@@ -273,12 +273,11 @@ def test_rollouts_from_merged_adapters_sample_what_live_adapters_sample(workdir,
     import copy
     import logging
 
-    from jaxtune.generate import make_rollout
-    from jaxtune.rollout import merge_fits
-
     from flax import nnx
 
+    from jaxtune.generate import make_rollout
     from jaxtune.peft.lora import LoraLinear, merge_for_sampling
+    from jaxtune.rollout import merge_fits
 
     cfg = _config(workdir, tiny_words_dir, adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True,
                   peft_layers_to_transform=[1], rollout_merge_adapters=True)  # gated: layer 0 has no adapter

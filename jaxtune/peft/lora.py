@@ -242,15 +242,19 @@ class LoraLinear(Linear):
         self.lora_a, self.lora_b, self.lora_gate = a, b, gate
         self.lora_scale, self.lora_dropout = scale, dropout
 
+    lora_merged = False  # the kernel holds the adapter (merge_for_sampling)
+
     def merged_kernel(self, layer: int | None = None, dtype=jnp.float32) -> jax.Array:
         pick = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
         gate = 1.0 if self.lora_gate is None else pick(self.lora_gate.get_value())
         delta = pick(self.lora_a.get_value()).astype(jnp.float32) @ pick(self.lora_b.get_value()).astype(jnp.float32)
+        if layer is None and self.lora_gate is not None:  # the whole stack: one gate per layer
+            gate = gate[:, None, None]
         return (super().merged_kernel(layer, jnp.float32) + (self.lora_scale * gate) * delta).astype(dtype)
 
     def _forward(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
         y = super()._forward(x, rng)
-        if getattr(self, "lora_merged", False):  # the kernel holds the adapter (merge_for_sampling)
+        if self.lora_merged:
             return y
         h = x
         if rng is not None and self.lora_dropout > 0:
@@ -266,23 +270,17 @@ class LoraLinear(Linear):
 
 
 def merge_for_sampling(model) -> int:
-    """Fold each LoRA adapter of a plain (unquantized) projection into its kernel, in place: kernel +
-    scale * gate * A @ B for every layer of the stack, in float32, cast back to the kernel's dtype. The
+    """Fold each LoRA adapter of a plain (unquantized) projection into its kernel, in place: its
+    `merged_kernel` for the whole stack (kernel + scale * gate * A @ B, float32, cast back). The
     projection then runs one product instead of three. For a sampler's own copy of the parameters
     (GRPO's `rollout_merge_adapters`: traced inside the jitted rollout, the merged kernels live only
     while it runs); a model merged here no longer trains its adapters. Returns how many projections
     were merged (QLoRA's NF4 kernels and experts' adapters stay live: `unmerged_adapters`)."""
     merged = 0
     for _, module in model.iter_modules():
-        if type(module) is not LoraLinear or getattr(module, "lora_merged", False):
+        if type(module) is not LoraLinear or module.lora_merged:
             continue
-        a = module.lora_a.get_value().astype(jnp.float32)
-        b = module.lora_b.get_value().astype(jnp.float32)
-        scale = jnp.float32(module.lora_scale)
-        if module.lora_gate is not None:  # [layers]: an ungated layer's adapter adds nothing
-            scale = scale * module.lora_gate.get_value().astype(jnp.float32).reshape(-1, *([1] * (a.ndim - 1)))
-        kernel = module.kernel.get_value()
-        module.kernel.set_value((kernel.astype(jnp.float32) + scale * jnp.matmul(a, b)).astype(kernel.dtype))
+        module.kernel.set_value(module.merged_kernel(None, module.kernel.get_value().dtype))
         module.lora_merged = True
         merged += 1
     return merged
