@@ -259,7 +259,12 @@ class Rollouts:
         g, per_row = self.shape.generations, self.shape.per_row
         finished = out["finished"]
         rows = []
+        window, prefix = self.objective.band or (None, None)
         for p, prompt in enumerate(prompt_ids):
+            if prefix is not None and (len(prompt) - 1 > prefix
+                                       or any(len(completion_ids[i]) >= window for i in range(p * g, (p + 1) * g))):
+                raise JaxtuneError(f"a rollout row breaks the attention layout it promises (prompt of {len(prompt)} "
+                                   f"tokens, at most {prefix + 1}; completions at most {window - 1})")
             for start in range(p * g, (p + 1) * g, per_row):
                 pick = range(start, start + per_row)
                 rows.append(lay_out_group(prompt, [completion_ids[i] for i in pick], [out["logps"][i] for i in pick],

@@ -395,3 +395,64 @@ def test_cudnn_takes_only_rows_of_one_sample():
     assert not bool(one_sample_rows(seg, pos.at[1, 3].set(7))[0])  # positions do not count up
     assert not bool(one_sample_rows(seg.at[0].set(0), pos)[0])  # a row of padding only
     assert not bool(one_sample_rows(jnp.asarray([[0, 1, 1, 1]] * 2, jnp.int32), pos)[0])  # padding first
+
+
+def _grpo_rows(length: int, seed: int = 0):
+    """Two GRPO rows as `lay_out_group` lays them out (a prompt once, then six completions as
+    branches; prompts of 4 and 9 tokens, completions of 1 to 12: 68 and 85 tokens), padded to
+    `length` (or cut to it): segment ids and positions [2, length], and the layout's (window, prefix)
+    for prompts <= 10 and completions <= 12."""
+    from jaxtune.objectives.grpo import collate_rows, lay_out_group
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prompt_len, lengths in ((4, (12, 1, 7, 12, 12, 11)), (9, (5, 12, 11, 12, 9, 12))):
+        completions = [list(rng.integers(5, 50, n)) for n in lengths]
+        rows.append(lay_out_group(list(rng.integers(5, 50, prompt_len)), completions,
+                                  [np.zeros(n, np.float32) for n in lengths], [1.0] * 6, [True] * 6))
+    batch = collate_rows(rows, 96, pad_id=0)
+    return jnp.asarray(batch["segment_ids"][:, :length]), jnp.asarray(batch["positions"][:, :length]), (12 + 1, 10 - 1)
+
+
+@pytest.mark.parametrize("kind", ["plain", "window", "softcap"])
+def test_band_attention_on_grpo_rows_matches_reference(kind, monkeypatch):
+    """GRPO's rows promise that a query attends only its prompt and the tokens of its own branch
+    (`band`): with it, attention reads only those blocks of keys (several 8-token blocks here, rows of
+    96 tokens with 40 keys per query), and its output on the real tokens and its gradients equal the
+    reference's (padding rows attend other keys; their outputs are never read)."""
+    import jaxtune.kernels.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "BAND_BLOCK", 8)
+    calls = []
+    band_attention = blockwise.band_attention
+    monkeypatch.setattr(blockwise, "band_attention", lambda *a, **kw: calls.append(1) or band_attention(*a, **kw))
+    seg, pos, band = _grpo_rows(96)
+    assert blockwise.band_keys(96, *band) == 40
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (2, 96, 4, 16))
+    k, v = jax.random.normal(ks[1], (2, 96, 2, 16)), jax.random.normal(ks[2], (2, 96, 2, 16))
+    weights = jnp.where((seg > 0)[..., None, None], jax.random.normal(ks[3], q.shape), 0.0)  # the real queries
+    window = 6 if kind == "window" else None
+    kw = {"softcap": SOFTCAP} if kind == "softcap" else {}
+
+    def run(impl, band):
+        def loss(q, k, v):
+            out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos,
+                            sliding_window=window, implementation=impl, band=band, **kw)
+            return jnp.sum(out * weights), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return jnp.where((seg > 0)[..., None, None], out, 0.0), grads
+
+    want = run("xla", None)
+    for impl in ("blockwise", "xla"):
+        got = run(impl, band)
+        for name, g, w in [("out", got[0], want[0]), *zip(("dq", "dk", "dv"), got[1], want[1])]:
+            assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * max(1.0, float(np.abs(w).max())), (impl, name)
+    assert len(calls) == 2
+    # rows too short for the band to halve the keys read: the backend as usual, the same result
+    seg, pos, band = _grpo_rows(64)
+    assert 2 * blockwise.band_keys(64, *band) > 64
+    q, k, v, weights = q[:, :64], k[:, :64], v[:, :64], weights[:, :64]
+    got, want = run("blockwise", band), run("xla", None)
+    assert len(calls) == 2
+    assert np.abs(np.asarray(got[0]) - np.asarray(want[0])).max() <= 1e-5 * max(1.0, float(np.abs(want[0]).max()))

@@ -117,12 +117,14 @@ def _stub_sampler(trainer, completions, old_logps, seen: list):
 
 
 CASES = {
-    "dapo": dict(trl={}, accum=1, perturb_old=False),
+    # band: the step's attention reads only each completion's prompt and own tokens (4-token blocks, so
+    # that rows of 64 tokens read 20 keys per query: jaxtune.kernels.blockwise.band_attention)
+    "dapo": dict(trl={}, accum=1, perturb_old=False, band=True),
     "grpo-kl-clipped": dict(trl={"loss_type": "grpo", "beta": 0.04, "temperature": 0.7, "num_iterations": 2},
                             accum=2, perturb_old=True),
     "bnpo-gspo-delta": dict(trl={"loss_type": "bnpo", "importance_sampling_level": "sequence", "epsilon": 0.1,
                                  "epsilon_high": 0.3, "delta": 1.5, "scale_rewards": "batch", "num_iterations": 2},
-                            accum=2, perturb_old=True),
+                            accum=2, perturb_old=True, band=True),
     "dr_grpo-gdpo-masked": dict(trl={"loss_type": "dr_grpo", "scale_rewards": "none",
                                      "multi_objective_aggregation": "normalize_then_sum",
                                      "mask_truncated_completions": True}, accum=1, perturb_old=False),
@@ -131,9 +133,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_rollout_step_equals_trl_grpo_trainer(tmp_path, tiny_words_dir, reward_module, case):
+def test_rollout_step_equals_trl_grpo_trainer(tmp_path, tiny_words_dir, reward_module, case, monkeypatch):
     """One GRPO step from the same weights and completions: advantages, rollout metrics, loss, loss
     metrics and the gradient of every weight equal TRL's."""
+    import jaxtune.kernels.blockwise as blockwise
+
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,8 +175,13 @@ def test_rollout_step_equals_trl_grpo_trainer(tmp_path, tiny_words_dir, reward_m
         tokenizer.save_pretrained(model_dir)
 
     # jaxtune: the rollout (sampler stubbed with the same completions), then one step
+    banded = []
+    if spec.get("band"):
+        monkeypatch.setattr(blockwise, "BAND_BLOCK", 4)
+        band_attention = blockwise.band_attention
+        monkeypatch.setattr(blockwise, "band_attention", lambda *a, **kw: banded.append(1) or band_attention(*a, **kw))
     ours = _trainer(_config(tmp_path, tiny_words_dir, data, trl_keys, micro_batch_size=8 // accum,
-                            gradient_accumulation_steps=accum))
+                            gradient_accumulation_steps=accum, sequence_len=8 if spec.get("band") else 32))
     if model_dir != tiny_words_dir:  # the moved policy, the reference left at the start
         from flax import nnx
 
@@ -186,6 +195,7 @@ def test_rollout_step_equals_trl_grpo_trainer(tmp_path, tiny_words_dir, reward_m
     batch, rollout = ours.rollouts.next_step(ours.trainable, ours.frozen, step=0, epoch=0.0, max_steps=4)
     record = ours._run_step(batch)
     after = {t.name: t.produce() for t in _hf(ours)}
+    assert bool(banded) == bool(spec.get("band"))
 
     # TRL on the same prompts (in our rollout's order) and completions
     order = sorted(by_ids, key=by_ids.get)

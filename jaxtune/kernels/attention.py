@@ -168,6 +168,7 @@ def attention(
     scale: float | None = None,
     softcap: float | None = None,
     implementation: str = "xla",
+    band: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Multi-head attention with GQA, packing and sliding windows.
 
@@ -175,6 +176,12 @@ def attention(
     [B, T] for queries and [B, S] for keys. Returns [B, T, N, H] in v's dtype. Softmax runs in
     float32. `scale` defaults to H ** -0.5. `softcap` (Gemma 2's attn_logit_softcapping) caps the
     scaled scores, cap * tanh(scores / cap), before the mask and the softmax, in every backend.
+
+    `band` = (window, prefix), the caller's promise about its rows' layout (GRPO's: a prompt of at
+    most `prefix` tokens, then completions of at most `window` tokens): a query attends only keys
+    fewer than `window` indices before it or among its row's first `prefix`. Where the backend would
+    be `xla` or `blockwise`, self-attention then reads only those keys
+    (jaxtune.kernels.blockwise.band_attention) when they are at most half of a row's.
     """
     if implementation not in IMPLEMENTATIONS:
         raise JaxtuneError(
@@ -194,6 +201,11 @@ def attention(
             info_once(f"attention: context parallelism runs ring attention with blockwise tiles (not {implementation!r})")
         return _SPLIT_SEQUENCE[0](q_btnh, k_bskh, v_bskh, **kwargs)
     implementation = platform_backend(implementation)
+    if band is not None and causal and q_segment_ids is kv_segment_ids and implementation in ("xla", "blockwise"):
+        from jaxtune.kernels.blockwise import band_attention, band_pays
+
+        if band_pays(q_btnh, *band):
+            return band_attention(q_btnh, k_bskh, v_bskh, window=band[0], prefix=band[1], **kwargs)
     if implementation == "blockwise":
         from jaxtune.kernels.blockwise import blockwise_attention
 

@@ -200,16 +200,19 @@ class DecoderLM(nnx.Module):
         """Logits [B, T, vocab] for token ids [B, T]; see `hidden_states` for the arguments."""
         return self.logits(self.hidden_states(input_ids, segment_ids, positions, rng=rng))
 
-    def hidden_states(self, input_ids, segment_ids=None, positions=None, *, rng=None) -> jax.Array:
+    def hidden_states(self, input_ids, segment_ids=None, positions=None, *, rng=None,
+                      band: tuple[int, int] | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, D].
 
         `segment_ids` [B, T] (int, 0 = padding) keep packed samples apart; default: one segment.
         `positions` [B, T] default to restarting at 0 for each segment. `rng` (training only)
-        drives LoRA dropout; None means no dropout.
+        drives LoRA dropout; None means no dropout. `band`: the rows' layout promise that lets
+        attention read fewer keys (jaxtune.kernels.attention.attention's `band`).
         """
         segment_ids = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else segment_ids
         positions = positions_from_segments(segment_ids) if positions is None else positions
-        x, _, stats = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng)
+        x, _, stats = self._run(input_ids, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), None, rng,
+                                band=band)
         if stats is not None and self.collect_router_stats:  # MoE: each layer's router statistics (trainer)
             self.sow(nnx.Intermediate, "router_stats", stats)
         return self.final_norm(x)
@@ -274,7 +277,7 @@ class DecoderLM(nnx.Module):
         """The layer stack's input (families that scale or normalize the embedding override this)."""
         return self.embedder(input_ids)
 
-    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None, rng=None):
+    def _run(self, input_ids, segment_ids, positions, cache: KVCache | None, rng=None, band=None):
         cfg = self.cfg
         x = self.embed(input_ids)
         # Each distinct RoPE's cos / sin once; a layer picks its own by index (Gemma 3's local / global bases).
@@ -303,7 +306,7 @@ class DecoderLM(nnx.Module):
             return functools.partial(attention, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                      q_positions=positions, kv_positions=positions, sliding_window=layer_window(window),
                                      scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                                     implementation=self.attn_implementation)
+                                     implementation=self.attn_implementation, band=band)
         stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if hasattr(self, name)}
 
         def over_layers(make_step, per_layer):

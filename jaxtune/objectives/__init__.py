@@ -61,7 +61,7 @@ def _grpo(cfg, pad_id: int, ranks: int) -> Objective:
                 beta=cfg.beta, importance_sampling_level=s.importance_sampling_level, temperature=s.temperature,
                 max_completion_length=s.max_completion_length or 512, shape=shape,
                 old_from_policy=shape.optimizer_steps == 1, bias_correction_kl=s.use_bias_correction_kl,
-                pad_id=pad_id)
+                pad_id=pad_id, prompt_length=cfg.sequence_len)
 
 
 __all__ = ["DATA_KINDS", "Objective", "objective_for"]

@@ -82,13 +82,18 @@ class GRPO(Objective):
 
     def __init__(self, *, loss_type: str, epsilon_low: float, epsilon_high: float, delta: float | None, beta: float,
                  importance_sampling_level: str, temperature: float, max_completion_length: int, shape: GroupShape,
-                 old_from_policy: bool, bias_correction_kl: bool = True, pad_id: int = 0):
+                 old_from_policy: bool, bias_correction_kl: bool = True, pad_id: int = 0,
+                 prompt_length: int | None = None):
         self.loss_type, self.epsilon_low, self.epsilon_high, self.delta = loss_type, epsilon_low, epsilon_high, delta
         self.beta, self.sequence_level = beta, importance_sampling_level == "sequence"
         self.bias_correction_kl = bias_correction_kl
         self.temperature = temperature if temperature > 0 else 1.0
         self.max_completion_length, self.shape, self.pad_id = max_completion_length, shape, pad_id
         self.per_row = shape.per_row
+        # the rows' layout (`lay_out_group`): the prompt but its last token first, then branches of at most
+        # max_completion_length + 1 tokens, so attention reads only the prompt's keys and the branch's own
+        # (jaxtune.kernels.attention.attention's `band`); the prompts are at most `prompt_length` tokens
+        self.band = None if prompt_length is None else (max_completion_length + 1, prompt_length - 1)
         self.old_from_policy = old_from_policy  # one pass per rollout: old == policy (ratio 1), as TRL
         self.needs_reference = beta != 0.0
         self.layout = Layout({"input_ids": Key(TOKENS, fill=pad_id), "labels": Key(TOKENS, fill=IGNORE),
@@ -118,7 +123,8 @@ class GRPO(Objective):
     def token_logps(self, model, batch, rng=None, *, with_entropy=False):
         """log p(next token) at logits / temperature [B, T] (0 off the completions) and the mask."""
         mask = batch["next_labels"] != IGNORE
-        hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], rng=rng)
+        hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], rng=rng,
+                                     band=self.band)
         out = model.target_logprobs(hidden / self.temperature, jnp.where(mask, batch["next_labels"], 0),
                                     with_entropy=with_entropy)
         logps, entropy = out if with_entropy else (out, None)
