@@ -88,6 +88,25 @@ def test_token_logprobs_match_plain(chunk, softcap):
     assert _max_diff(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_token_logprobs_with_a_frozen_head(softcap):
+    """A frozen head (LoRA): the log-probs' gradient w.r.t. the hidden states comes from the
+    forward's per-token d log p / d hidden, scaled by each token's cotangent. It equals the plain
+    gradient (with the entropy computed alongside), and the whole computation has two head matmuls
+    (the logits, the derivative), not three (the backward recomputing the logits, then dh)."""
+    hidden, head, targets, _, coeffs = _inputs(seed=2)
+    targets = jnp.maximum(targets, 0)
+
+    def chunked(h):
+        logp, entropy = linear_token_logprobs(h, head, targets, chunk_size=16, softcap=softcap, with_entropy=True)
+        return jnp.sum(coeffs * logp) + 0.0 * jnp.sum(entropy)
+
+    got = jax.jit(jax.grad(chunked))(hidden)
+    want = jax.grad(lambda h: jnp.sum(coeffs * _plain_logprobs(h, head, targets, softcap)))(hidden)
+    assert _max_diff(got, want) < 1e-5
+    assert jax.jit(jax.grad(chunked)).lower(hidden).as_text().count("dot_general") == 2
+
+
 def test_frozen_head_gets_no_weight_gradient_matmul():
     """Differentiating w.r.t. the hidden states only (a LoRA run's frozen head) skips the head's
     gradient matmul; the hidden-state gradient is unchanged."""

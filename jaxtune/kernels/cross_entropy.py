@@ -13,8 +13,10 @@ Two functions, each with a custom VJP:
   direction, as in the plain computation, and nothing of vocabulary size is kept. Without
   differentiation (eval) only the loss is computed.
 - `linear_token_logprobs(hidden, head, targets)` -> log p(target_t) per token, for objectives that
-  weight tokens after the fact (DPO, GRPO, KTO). The forward keeps only the per-token logsumexp;
-  the backward recomputes each chunk's logits. With `with_entropy`, also each token's entropy of
+  weight tokens after the fact (DPO, GRPO, KTO). With a frozen head (LoRA) the forward also computes
+  each token's d log p / d hidden while the chunk's logits are at hand (the backward only scales it by
+  the token's cotangent); with a trained head it keeps the per-token logsumexp and the backward
+  recomputes each chunk's logits. With `with_entropy`, also each token's entropy of
   the whole distribution, from the same chunks (a metric: no gradient flows through it).
 - `linear_log_sum_sq_probs(hidden, head)` -> log sum_v p_v^2 per token (DPO's WPO weights; no gradient).
 
@@ -174,18 +176,23 @@ def linear_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
 # ------------------------------------------------------------------------------ per-token logprobs
 
 
-def _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap):
-    """Per token: log p(target), the logsumexp, and the entropy of the distribution."""
+def _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap, *, jacobian: bool = False):
+    """Per token: log p(target), the logsumexp, and the entropy of the distribution; with `jacobian`,
+    also d log p(target) / d hidden [N, D] (float32)."""
     def body(_, xs):
         h, t = xs
         logits = _logits(h, head, vocab_axis, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        entropy = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
-        return None, (_target_logit(logits, t) - lse, lse, entropy)
+        probs = jnp.exp(logits - lse[:, None])
+        out = (_target_logit(logits, t) - lse, lse, lse - jnp.sum(probs * logits, axis=-1))
+        if jacobian:  # d(logit[t] - lse)/dlogits = onehot(t) - softmax, through the head
+            unit = _through_cap(jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32) - probs, logits, softcap)
+            out = (*out, _hidden_grad(unit, head, vocab_axis, h.dtype))
+        return None, out
 
-    _, (logp, lse, entropy) = jax.lax.scan(body, None, (_chunked(hidden, chunk), _chunked(targets, chunk)))
+    _, out = jax.lax.scan(body, None, (_chunked(hidden, chunk), _chunked(targets, chunk)))
     n = hidden.shape[0]
-    return logp.reshape(-1)[:n], lse.reshape(-1)[:n], entropy.reshape(-1)[:n]
+    return tuple(x.reshape(-1, *x.shape[2:])[:n] for x in out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -197,14 +204,24 @@ def _token_logprobs(hidden, head, targets, chunk, vocab_axis, softcap):
 def _token_logprobs_fwd(hidden, head, targets, chunk, vocab_axis, softcap):
     need_head = head.perturbed
     hidden, head, targets = hidden.value, head.value, targets.value
+    if not need_head:
+        # A frozen head (LoRA): log p(target) is a function of its own token's hidden state, so its
+        # gradient there is a fixed vector times the token's cotangent. Computed here while each chunk's
+        # logits are at hand, it leaves the backward no head matmul: two [tokens, vocab] products in all
+        # instead of three (the backward recomputing the logits, then multiplying through the head).
+        logp, _, entropy, jacobian = _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap,
+                                                     jacobian=True)
+        return (logp, entropy), (jacobian.astype(hidden.dtype),)
     logp, lse, entropy = _logprob_chunks(hidden, head, targets, chunk, vocab_axis, softcap)
-    # `()` vs None marks (in the residuals' structure) whether the head needs a gradient.
-    return (logp, entropy), (hidden, head, targets, lse, () if need_head else None)
+    return (logp, entropy), (hidden, head, targets, lse)
 
 
 def _token_logprobs_bwd(chunk, vocab_axis, softcap, res, cotangents):
     g, _ = cotangents  # the entropy is a metric: no gradient flows through it
-    hidden, head, targets, lse, need_head = res
+    if len(res) == 1:  # d log p / d hidden, from the forward
+        (jacobian,) = res
+        return (g[:, None] * jacobian.astype(jnp.float32)).astype(jacobian.dtype), None, None
+    hidden, head, targets, lse = res  # a head being trained (full fine-tuning): recompute the logits
     vocab = head.shape[vocab_axis]
 
     def body(dhead, xs):
@@ -213,16 +230,12 @@ def _token_logprobs_bwd(chunk, vocab_axis, softcap, res, cotangents):
         # d(logit[t] - lse)/dlogits = onehot(t) - softmax
         dlogits = (jax.nn.one_hot(t, vocab, dtype=jnp.float32) - jnp.exp(logits - l[:, None])) * gc[:, None]
         dlogits = _through_cap(dlogits, logits, softcap)
-        dh = _hidden_grad(dlogits, head, vocab_axis, h.dtype)
-        if dhead is not None:
-            dhead = dhead + _head_grad(dlogits, h, vocab_axis)
-        return dhead, dh
+        return dhead + _head_grad(dlogits, h, vocab_axis), _hidden_grad(dlogits, head, vocab_axis, h.dtype)
 
     xs = (_chunked(hidden, chunk), _chunked(targets, chunk), _chunked(lse, chunk), _chunked(g, chunk))
-    dhead0 = None if need_head is None else jnp.zeros(head.shape, jnp.float32)
-    dhead, dh = jax.lax.scan(body, dhead0, xs)
+    dhead, dh = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), xs)
     dh = dh.reshape(-1, hidden.shape[-1])[: hidden.shape[0]].astype(hidden.dtype)
-    return dh, None if dhead is None else dhead.astype(head.dtype), None
+    return dh, dhead.astype(head.dtype), None
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd, symbolic_zeros=True)
