@@ -456,3 +456,54 @@ def test_band_attention_on_grpo_rows_matches_reference(kind, monkeypatch):
     got, want = run("blockwise", band), run("xla", None)
     assert len(calls) == 2
     assert np.abs(np.asarray(got[0]) - np.asarray(want[0])).max() <= 1e-5 * max(1.0, float(np.abs(want[0]).max()))
+
+
+BAND_ON_MESH = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+import jaxtune.kernels.blockwise as blockwise
+from jaxtune.kernels.attention import attention
+from test_attention import _grpo_rows
+
+assert jax.device_count() == 4, jax.devices()
+blockwise.BAND_BLOCK = 8
+seg, pos, band = _grpo_rows(96)
+ks = jax.random.split(jax.random.key(5), 4)
+q = jax.random.normal(ks[0], (2, 96, 4, 16))
+k, v = jax.random.normal(ks[1], (2, 96, 2, 16)), jax.random.normal(ks[2], (2, 96, 2, 16))
+weights = jnp.where((seg > 0)[..., None, None], jax.random.normal(ks[3], q.shape), 0.0)
+
+def loss(q, k, v, seg, pos):
+    out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos,
+                    implementation="blockwise", band=band)
+    return jnp.sum(out * weights)
+
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+want = step(q, k, v, seg, pos)
+mesh = jax.make_mesh((2, 2), ("data", "heads"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as jaxtune's meshes
+rows, heads = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None, "heads"))
+with jax.set_mesh(mesh):
+    got = step(*(jax.device_put(x, heads) for x in (q, k, v)), jax.device_put(seg, rows), jax.device_put(pos, rows))
+assert got[1][0].sharding.spec[:3] == ("data", None, "heads"), got[1][0].sharding
+for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * max(1.0, float(np.abs(np.asarray(w)).max()))
+print("BAND-MESH-OK")
+"""
+
+
+def test_band_attention_on_a_mesh_equals_one_device():
+    """Band attention with rows split over one mesh axis and heads over another (4 CPU devices)
+    gives one device's output and gradients, the gradients sharded as their inputs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import cpu_env
+
+    tests = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", BAND_ON_MESH, tests], capture_output=True, text=True,
+                          env=cpu_env(4), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BAND-MESH-OK" in proc.stdout
