@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxtune.errors import JaxtuneError
+
 from conftest import save_tiny  # noqa: F401  (fixtures live in conftest)
 
 REWARDS = '''
@@ -105,12 +107,23 @@ def test_tiny_model_learns_a_verifiable_reward(workdir, tiny_words_dir):
     assert first < 0.2 and last > first + 0.4, rewards
 
 
-def test_each_rollout_samples_with_the_updated_weights_and_nothing_recompiles(workdir, tiny_words_dir):
+@pytest.mark.parametrize("band", [False, True])
+def test_each_rollout_samples_with_the_updated_weights_and_nothing_recompiles(workdir, tiny_words_dir, band,
+                                                                              monkeypatch):
     """The sampler gets the trainer's state of the moment (the step donates the old buffers): the
     log-probs a rollout returns equal a teacher-forced forward under the weights after the previous
-    step; the sampler compiles once, the step once per micro-batch length."""
+    step; the sampler compiles once, the step once per micro-batch length. With `band` the forward's
+    attention reads only each completion's prompt and own tokens (4-token blocks: 28 of a row's 64
+    keys); a rollout whose rows break that layout is an error, not a silently wrong attention."""
     from flax import nnx
 
+    import jaxtune.kernels.blockwise as blockwise
+
+    banded = []
+    if band:
+        monkeypatch.setattr(blockwise, "BAND_BLOCK", 4)
+        band_attention = blockwise.band_attention
+        monkeypatch.setattr(blockwise, "band_attention", lambda *a, **kw: banded.append(1) or band_attention(*a, **kw))
     trainer = _trainer(_config(workdir, tiny_words_dir, micro_batch_size=4, gradient_accumulation_steps=2,  # 4 a row
                                trl={"reward_funcs": ["word_rewards.token_sum"]}))
     objective = trainer.objective
@@ -129,6 +142,10 @@ def test_each_rollout_samples_with_the_updated_weights_and_nothing_recompiles(wo
         assert record["grad_norm"] > 0
     assert trainer.ragged_step.traces == len(lengths) and trainer.train_step.traces == 0  # once per length
     assert trainer.rollouts.sampler._cache_size() == 1
+    assert bool(banded) == band
+    trainer.objective.band = (3, 2)  # completions of at most 2 tokens: these rows break it
+    with pytest.raises(JaxtuneError, match="attention layout"):
+        trainer.rollouts.next_step(trainer.trainable, trainer.frozen, step=3, epoch=0.0, max_steps=30)
 
 
 def test_resumed_run_continues_the_same_trajectory(workdir, tiny_words_dir, monkeypatch):
