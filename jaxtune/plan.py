@@ -6,10 +6,14 @@ QLoRA) and the mesh (`jaxtune.parallel.mesh.plan_for`; each array divided by the
 logical axes shard over):
 - parameters (frozen and trained), gradients (the trained parameters' shapes, sharded like the
   optimizer state), optimizer state (`jax.eval_shape` of the configured optax optimizer's init);
-- the reference model of DPO/KTO (objectives/reference.py): nothing for fresh LoRA adapters (their
-  reference is the policy with adapters off), a frozen copy of the trained weights under full
-  fine-tuning (of modules_to_save, or of a continued adapter, with LoRA), nothing with
-  `precompute_ref_log_probs`. Preference rows hold two answers: 2 x sequence_len tokens.
+- the reference model of DPO/KTO and of GRPO with beta != 0 (objectives/reference.py): nothing for
+  fresh LoRA adapters (their reference is the policy with adapters off), a frozen copy of the trained
+  weights under full fine-tuning (of modules_to_save, or of a continued adapter, with LoRA), nothing
+  with `precompute_ref_log_probs`. Preference rows hold two answers: 2 x sequence_len tokens; GRPO's
+  rows a prompt and per_row completions (objectives/grpo.py);
+- GRPO's rollouts: the sampler's KV cache (prompts once, every completion's slots), exact, and its
+  per-row vocabulary-wide state; a rollout runs between steps, so the total counts the larger of it
+  and the step's activations.
 
 Estimated parts:
 - activations of one micro-batch for the remat policy, per device (tokens split over the sequence
@@ -61,17 +65,19 @@ class MemoryPlan:
     trainable: int  # of which trained
     gradients: int
     optimizer: int
-    reference: int  # the reference model's frozen copy (DPO/KTO), per device
+    reference: int  # the reference model's frozen copy (DPO/KTO, GRPO with beta), per device
     activations: int  # for the configured micro_batch_size
     runtime: int
     micro_batch_size: int
     device_memory: int | None
     max_micro_batch: int | None  # the largest that fits device_memory (None: unknown / none asked)
     optimizer_note: str = ""  # what the optimizer's state holds, when it is not plain 32-bit
+    rollout: int = 0  # GRPO's sampler while a rollout runs (not at the same time as the step's activations)
 
     @property
     def total(self) -> int:
-        return self.params + self.gradients + self.optimizer + self.reference + self.activations + self.runtime
+        return (self.params + self.gradients + self.optimizer + self.reference + max(self.activations, self.rollout)
+                + self.runtime)
 
     def report(self) -> str:
         lines = [f"{self.mesh.describe()} ({self.mesh.devices} devices, {self.platform}); per device:",
@@ -82,6 +88,8 @@ class MemoryPlan:
                  *([f"  reference model {_gib(self.reference)}   (frozen copy of the starting weights)"]
                    if self.reference else []),
                  f"  activations     {_gib(self.activations)}   (micro_batch_size {self.micro_batch_size})",
+                 *([f"  rollouts        {_gib(self.rollout)}   (KV cache and sampling state; between steps, so the "
+                    "larger of this and the activations counts)"] if self.rollout else []),
                  f"  runtime         {_gib(self.runtime)}",
                  f"  total           {_gib(self.total)}"]
         if self.device_memory:
@@ -154,6 +162,52 @@ def _state_bytes(state, mesh, exclude=(), nf4: frozenset = frozenset()) -> int:
     return total
 
 
+def _ranks(mesh_plan) -> int:
+    return mesh_plan.data * mesh_plan.fsdp * mesh_plan.expert
+
+
+def grpo_rows(cfg, mesh_plan) -> tuple[int, int]:
+    """GRPO's training rows: (completions per row, the longest row's padded length): the prompt (at
+    most sequence_len tokens) and per_row completions of max_completion_length + 1 tokens (rollout.py)."""
+    from jaxtune.objectives.grpo import GroupShape
+    from jaxtune.rollout import row_buckets
+
+    shape = GroupShape.of(cfg, _ranks(mesh_plan))
+    max_new = cfg.grpo_settings.max_completion_length or 512
+    return shape.per_row, row_buckets(cfg.sequence_len + shape.per_row * (max_new + 1))[-1]
+
+
+def _rollout_shape(cfg, mesh_plan):
+    """(GroupShape, prompt width: sequence_len rounded up to the sampler's prompt bucket, max_completion_length)."""
+    from jaxtune.objectives.grpo import GroupShape
+    from jaxtune.rollout import PROMPT_BUCKET
+
+    width = -(-cfg.sequence_len // PROMPT_BUCKET) * PROMPT_BUCKET
+    return GroupShape.of(cfg, _ranks(mesh_plan)), width, cfg.grpo_settings.max_completion_length or 512
+
+
+def rollout_cache_bytes(cfg, mcfg, mesh_plan, compute_bytes: int) -> int:
+    """GRPO's KV cache while a rollout runs, per device (jaxtune/generate.py `sample`): the prompts'
+    (once per prompt) and the completions' (max_completion_length slots per row), over every layer,
+    split over the batch ranks and the tensor axis."""
+    shape, width, max_new = _rollout_shape(cfg, mesh_plan)
+    tensor = mesh_plan.tensor
+    kv = mcfg.num_kv_heads * mcfg.head_dim / (tensor if mcfg.num_kv_heads % tensor == 0 else 1)
+    slots = (shape.prompts * width + shape.completions * max_new) / (mesh_plan.data * mesh_plan.fsdp)
+    return int(mcfg.num_layers * 2 * kv * slots * compute_bytes)
+
+
+def rollout_bytes(cfg, mcfg, mesh_plan, compute_bytes: int) -> int:
+    """GRPO's sampler, per device, while a rollout runs: its KV cache (`rollout_cache_bytes`), per row
+    the float32 logits, the scores drawn from and the seen-token flags, and the prefill's layer working
+    set over the prompts."""
+    shape, width, _ = _rollout_shape(cfg, mesh_plan)
+    batch_ranks = mesh_plan.data * mesh_plan.fsdp
+    vocab = shape.completions / batch_ranks * mcfg.vocab_size * (4 + 4 + 1)
+    prefill = shape.prompts / batch_ranks * width * (4 * mcfg.hidden_size + 3 * mcfg.intermediate_size) * compute_bytes
+    return int(rollout_cache_bytes(cfg, mcfg, mesh_plan, compute_bytes) + vocab + prefill)
+
+
 def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int) -> int:
     """Estimated activation memory of one micro-batch's forward and backward, per device.
 
@@ -169,7 +223,12 @@ def activation_bytes(cfg, mcfg, mesh_plan, compute_bytes: int, micro_batch: int)
 
     from jaxtune.objectives import DATA_KINDS
 
-    seq = cfg.sequence_len * (2 if DATA_KINDS.get(cfg.rl, "sft") != "sft" else 1)  # rows of two answers
+    kind = DATA_KINDS.get(cfg.rl, "sft")
+    if kind == "prompt":  # GRPO: rows of one prompt and per_row of its completions (objectives/grpo.py)
+        per_row, seq = grpo_rows(cfg, mesh_plan)
+        micro_batch = max(1, micro_batch // per_row)
+    else:
+        seq = cfg.sequence_len * (2 if kind != "sft" else 1)  # rows of two answers
     tokens = micro_batch * seq / mesh_plan.sequence
     tensor = mesh_plan.tensor
     d, inter, layers, vocab = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_layers, mcfg.vocab_size
@@ -256,23 +315,27 @@ def plan_memory(cfg, *, devices: int | None = None, device_memory: int | None = 
     reference = _reference_bytes(cfg, trainable, mesh, exclude)
     fixed = params_frozen + params_trained + gradients + opt_bytes + reference
     runtime = CPU_RUNTIME_BYTES if platform == "cpu" else int(ACCELERATOR_RESERVE * (device_memory or 0))
+    from jaxtune.objectives import DATA_KINDS
+
+    rollout = rollout_bytes(cfg, mcfg, mesh_plan, compute_bytes) if DATA_KINDS.get(cfg.rl) == "prompt" else 0
     best = None
     if device_memory:
         budget = device_memory - fixed - runtime
         mb = 0
-        while activations(mb + 1) <= budget and mb < 4096:
+        while max(activations(mb + 1), rollout) <= budget and mb < 4096:
             mb += 1
         best = mb or None
     return MemoryPlan(mesh_plan, platform, params_frozen + params_trained, params_trained, gradients, opt_bytes,
                       reference, activations(cfg.micro_batch_size), runtime, cfg.micro_batch_size, device_memory,
-                      best, note)
+                      best, note, rollout)
 
 
 def _reference_bytes(cfg, trainable, mesh, exclude) -> int:
     """Per-device bytes of the reference's frozen copy (objectives/reference.initial_copy)."""
     from jaxtune.objectives.reference import initial_copy
 
-    if cfg.rl not in ("dpo", "ipo", "kto") or cfg.precompute_ref_log_probs:  # the objectives with a reference
+    with_reference = cfg.rl in ("dpo", "ipo", "kto") or (cfg.rl in ("grpo", "gdpo") and cfg.beta)
+    if not with_reference or cfg.precompute_ref_log_probs:  # the objectives with a reference (GRPO: beta != 0)
         return 0
     kept = initial_copy(trainable, fresh_adapters=bool(cfg.adapter) and not cfg.lora_model_dir, abstract=True)
     return 0 if kept is None else _state_bytes(kept, mesh, exclude)

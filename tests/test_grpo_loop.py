@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -345,3 +346,36 @@ def test_row_buckets_pad_little_and_cover_the_longest_row():
         assert buckets == sorted(set(buckets)) and buckets[-1] >= longest and all(b % 64 == 0 for b in buckets)
         for n in range(1, longest + 1, 7):  # the bucket a row of n tokens pads to
             assert next(b for b in buckets if b >= n) <= 1.125 * n + 64
+
+
+def test_plan_counts_grpo_rows_rollouts_and_the_reference(workdir, tiny_words_dir):
+    """`jaxtune plan` for GRPO: the activations of the rows the rollouts really build (a prompt and
+    per_row completions, padded to the longest bucket), the sampler's KV cache as KVCache.create
+    allocates it for the rollout's prompts and completions, and the frozen reference copy that full
+    fine-tuning keeps with beta != 0 (the bytes the trainer holds), none with beta 0."""
+    from flax import nnx
+
+    from jaxtune.models.cache import KVCache
+    from jaxtune.plan import grpo_rows, plan_memory, rollout_cache_bytes
+
+    cfg = _config(workdir, tiny_words_dir, micro_batch_size=4, gradient_accumulation_steps=2,
+                  trl={"reward_funcs": ["word_rewards.token_sum"]})
+    trainer = _trainer(cfg)
+    batch, _ = trainer.rollouts.next_step(trainer.trainable, trainer.frozen, step=0, epoch=0.0, max_steps=30)
+    per_row, row_len = grpo_rows(cfg, trainer.mesh_plan)
+    assert per_row == trainer.objective.per_row == 4 and row_len == trainer.rollouts.buckets[-1]
+    assert all(m["input_ids"].shape[-1] <= row_len for m in batch)
+    mcfg = nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen).cfg
+    shape = trainer.objective.shape
+    caches = (KVCache.create(mcfg, shape.prompts, 32, jnp.float32),  # prompts of <= 16 tokens: one 32 bucket
+              KVCache.create(mcfg, shape.completions, cfg.grpo_settings.max_completion_length, jnp.float32))
+    assert rollout_cache_bytes(cfg, mcfg, trainer.mesh_plan, 4) == sum(c.k.nbytes + c.v.nbytes for c in caches)
+    plan = plan_memory(cfg, devices=1)
+    assert plan.rollout > rollout_cache_bytes(cfg, mcfg, trainer.mesh_plan, 4) and plan.reference == 0
+    assert f"rollouts {plan.rollout / 2**30:12.3f} GiB".replace(" ", "") in plan.report().replace(" ", "")
+
+    with_kl = _config(workdir, tiny_words_dir, micro_batch_size=4, gradient_accumulation_steps=2,
+                      trl={"reward_funcs": ["word_rewards.token_sum"], "beta": 0.04})
+    trainer = _trainer(with_kl)
+    held = sum(x.nbytes for x in jax.tree.leaves(trainer.ref_params))
+    assert held > 0 and plan_memory(with_kl, devices=1).reference == held
