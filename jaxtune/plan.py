@@ -162,19 +162,13 @@ def _state_bytes(state, mesh, exclude=(), nf4: frozenset = frozenset()) -> int:
     return total
 
 
-def _ranks(mesh_plan) -> int:
-    return mesh_plan.data * mesh_plan.fsdp * mesh_plan.expert
-
-
 def grpo_rows(cfg, mesh_plan) -> tuple[int, int]:
-    """GRPO's training rows: (completions per row, the longest row's padded length): the prompt (at
-    most sequence_len tokens) and per_row completions of max_completion_length + 1 tokens (rollout.py)."""
+    """GRPO's training rows: (completions per row, the longest row's padded length)."""
     from jaxtune.objectives.grpo import GroupShape
-    from jaxtune.rollout import row_buckets
+    from jaxtune.rollout import training_row_buckets
 
-    shape = GroupShape.of(cfg, _ranks(mesh_plan))
-    max_new = cfg.grpo_settings.max_completion_length or 512
-    return shape.per_row, row_buckets(cfg.sequence_len + shape.per_row * (max_new + 1))[-1]
+    per_row = GroupShape.of(cfg, mesh_plan.batch_ranks).per_row
+    return per_row, training_row_buckets(cfg, per_row)[-1]
 
 
 def _rollout_shape(cfg, mesh_plan):
@@ -183,7 +177,7 @@ def _rollout_shape(cfg, mesh_plan):
     from jaxtune.rollout import PROMPT_BUCKET
 
     width = -(-cfg.sequence_len // PROMPT_BUCKET) * PROMPT_BUCKET
-    return GroupShape.of(cfg, _ranks(mesh_plan)), width, cfg.grpo_settings.max_completion_length or 512
+    return GroupShape.of(cfg, mesh_plan.batch_ranks), width, cfg.grpo_settings.max_completion_length or 512
 
 
 def rollout_cache_bytes(cfg, mcfg, mesh_plan, compute_bytes: int) -> int:

@@ -54,6 +54,14 @@ def row_buckets(longest: int, step: int = 64) -> list[int]:
     return buckets + [top]
 
 
+
+def training_row_buckets(cfg, per_row: int) -> list[int]:
+    """`row_buckets` of GRPO's training rows: a prompt (at most sequence_len tokens), then per_row
+    completions of at most max_completion_length tokens, each after a copy of the prompt's last token
+    (objectives/grpo.py `lay_out_group`)."""
+    return row_buckets(cfg.sequence_len + per_row * ((cfg.grpo_settings.max_completion_length or 512) + 1))
+
+
 def _keep_rows(rows, _length):
     return list(rows)
 
@@ -115,8 +123,7 @@ class Rollouts:
         self.eval_rows = data.eval if data.eval is not None and len(data.eval) else None
         ranks = self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
         self.rows_per_micro = cfg.micro_batch_size // self.shape.per_row * ranks
-        longest = cfg.sequence_len + self.shape.per_row * (self.max_new + 1)
-        self.buckets = row_buckets(longest)
+        self.buckets = training_row_buckets(cfg, self.shape.per_row)
         self.key = jax.random.fold_in(jax.random.key(cfg.seed), _ROLLOUT_STREAM)
         self.log_completions = bool(s.log_completions)
         self.to_print = s.num_completions_to_print

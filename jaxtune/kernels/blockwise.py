@@ -313,15 +313,10 @@ def _band(q, k, v, q_seg, k_seg, q_pos, k_pos, window_array, use_window, scale, 
     mask = attention_mask(qs.reshape(b * nq, block), key_seg.reshape(b * nq, s), qp.reshape(b * nq, block),
                           key_pos.reshape(b * nq, s), sliding_window=window_array if use_window else None)
     mask = mask.reshape(b, nq, 1, 1, block, s)
-    scores = _scores_banded(qb, keys, scale, softcap)
+    scores = _scores(qb.reshape(b * nq, *qb.shape[2:]), keys.reshape(b * nq, *keys.shape[2:]), scale, softcap)
+    scores = scores.reshape(b, nq, *scores.shape[1:])  # [B, nq, K, G, block, S]
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     probs = jnp.where(mask, probs, 0.0)  # a query with nothing to attend (tile padding) gives 0
     out = jnp.einsum("bnkgqs,bnskh->bnqkgh", probs.astype(q.dtype), values, preferred_element_type=jnp.float32)
     return out.reshape(b, tp, n, h)[:, :t].astype(q.dtype)
-
-
-def _scores_banded(qb, keys, scale, softcap):
-    """[B, nq, K, G, block, S] float32 scores of each query block against its gathered keys."""
-    s = jnp.einsum("bnqkgh,bnskh->bnkgqs", qb, keys, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    return soft_cap(s, softcap)
 
